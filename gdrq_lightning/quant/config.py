@@ -1,0 +1,169 @@
+"""``QuantConfig``: the one description of what to quantize and how (SPEC §7).
+
+The dataclass validates itself so a bad YAML value fails at parse time with the
+field, the value and the allowed set in the message.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+
+class Method(str, Enum):
+    """Quantization method. Member names equal their values so YAML may use either."""
+
+    gdrq = "gdrq"
+    scale_clip = "scale_clip"
+    group = "group"
+    hwgq = "hwgq"
+    dorefa = "dorefa"
+    pact = "pact"
+    lsq = "lsq"
+    none = "none"
+
+
+class HWGQBackward(str, Enum):
+    """HWGQ backward approximator (SPEC §4)."""
+
+    relu = "relu"
+    clipped = "clipped"
+    log_tailed = "log_tailed"
+
+
+# Fields an ``overrides`` entry may set for the layers it matches (mixed precision).
+LAYER_FIELDS = (
+    "method", "weight_bits", "act_bits", "groups", "k_w", "k_a", "momentum", "act_groups",
+    "hwgq_backward", "hwgq_step", "project", "pact_alpha_init", "pact_decay",
+)
+
+
+def _enum(cls: type[Enum], name: str, value: Any) -> Enum:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(str(value).lower())
+    except ValueError:
+        allowed = ", ".join(m.value for m in cls)
+        raise ValueError(f"QuantConfig.{name}={value!r} is not one of: {allowed}") from None
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int | None = None, where: str = "") -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo and (hi is None or value <= hi)
+    if not ok:
+        rng = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise ValueError(f"{where}QuantConfig.{name}={value!r} is out of range (allowed: integer {rng})")
+
+
+def _check_positive(name: str, value: Any, where: str = "") -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{where}QuantConfig.{name}={value!r} must be a number > 0")
+
+
+@dataclass
+class QuantConfig:
+    """What to quantize and how.
+
+    Args:
+        method: ``gdrq`` (Scale-Clip + groups), ``scale_clip``, ``group``, ``hwgq``,
+            ``dorefa``, ``pact``, ``lsq`` or ``none`` (leave the model untouched).
+        weight_bits: 1..8; 1 means binary weights ``alpha * sign(w)``.
+        act_bits: 1..8 for activations after ReLU/ReLU6.
+        groups: filter groups ``G`` along ``C_out`` per conv/linear (must divide
+            ``C_out``; 1 = per layer). ``hwgq`` always uses one ``alpha`` per filter.
+        k_w: Scale-Clip weight factor, ``T_g = k_w * mean|W_g|``.
+        k_a: Scale-Clip activation factor, ``T_a = k_a * EMA(mean|a|)``.
+        momentum: EMA momentum of activation statistics.
+        act_groups: channel groups with their own activation statistics.
+        hwgq_backward: ``relu``, ``clipped`` (default) or ``log_tailed``.
+        hwgq_step: override of the MSE-optimal HWGQ step ``D_b``.
+        project: also clamp the weights in place to ``[-T, T]`` after each optimizer step.
+        pact_alpha_init: PACT's initial clip value.
+        pact_decay: L2 decay on PACT's alpha.
+        skip: ``fnmatch`` patterns of module names left full precision. ``None``
+            (default) keeps the first conv and the last linear (or, with no linear,
+            the last conv) in full precision; ``[]`` quantizes everything.
+        overrides: pattern -> partial config, e.g. ``{"layer4.*": {"weight_bits": 8}}``;
+            later patterns win where several match.
+    """
+
+    method: Method = Method.gdrq
+    weight_bits: int = 4
+    act_bits: int = 4
+    groups: int = 1
+    k_w: float = 2.0
+    k_a: float = 4.0
+    momentum: float = 0.01
+    act_groups: int = 1
+    hwgq_backward: HWGQBackward = HWGQBackward.clipped
+    hwgq_step: float | None = None
+    project: bool = False
+    pact_alpha_init: float = 6.0
+    pact_decay: float = 1e-4
+    skip: list[str] | None = None
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.method = _enum(Method, "method", self.method)
+        self.hwgq_backward = _enum(HWGQBackward, "hwgq_backward", self.hwgq_backward)
+        self.validate()
+        if self.skip is not None:
+            if isinstance(self.skip, str):
+                self.skip = [self.skip]
+            self.skip = [str(p) for p in self.skip]
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"QuantConfig.overrides must be a mapping pattern -> fields, got {self.overrides!r}")
+        for pattern, fields in self.overrides.items():
+            if not isinstance(fields, dict):
+                raise ValueError(f"QuantConfig.overrides[{pattern!r}] must be a mapping, got {fields!r}")
+            unknown = sorted(set(fields) - set(LAYER_FIELDS))
+            if unknown:
+                raise ValueError(
+                    f"QuantConfig.overrides[{pattern!r}] has unknown field(s) {unknown}; "
+                    f"allowed: {', '.join(LAYER_FIELDS)}"
+                )
+            self.for_layer(pattern, fields)  # validates the merged values
+
+    def validate(self, where: str = "") -> None:
+        """Check every per-layer field; ``where`` prefixes messages with a layer name."""
+        _check_int("weight_bits", self.weight_bits, 1, 8, where)
+        _check_int("act_bits", self.act_bits, 1, 8, where)
+        _check_int("groups", self.groups, 1, None, where)
+        _check_int("act_groups", self.act_groups, 1, None, where)
+        _check_positive("k_w", self.k_w, where)
+        _check_positive("k_a", self.k_a, where)
+        _check_positive("pact_alpha_init", self.pact_alpha_init, where)
+        if not isinstance(self.momentum, (int, float)) or not 0 < self.momentum <= 1:
+            raise ValueError(f"{where}QuantConfig.momentum={self.momentum!r} must be in (0, 1]")
+        if not isinstance(self.pact_decay, (int, float)) or self.pact_decay < 0:
+            raise ValueError(f"{where}QuantConfig.pact_decay={self.pact_decay!r} must be >= 0")
+        if self.hwgq_step is not None:
+            _check_positive("hwgq_step", self.hwgq_step, where)
+        if self.method == Method.lsq and self.weight_bits < 2:
+            raise ValueError(
+                f"{where}QuantConfig.weight_bits=1 is invalid for method 'lsq' (needs >= 2 bits for more than one level)"
+            )
+
+    def for_layer(self, name: str, fields: dict[str, Any]) -> QuantConfig:
+        """This config with ``fields`` applied, validated, for the layer ``name``."""
+        base = {f: getattr(self, f) for f in LAYER_FIELDS}
+        base.update(fields)
+        base["method"] = _enum(Method, "method", base["method"])
+        base["hwgq_backward"] = _enum(HWGQBackward, "hwgq_backward", base["hwgq_backward"])
+        layer = dataclasses.replace(self, skip=[], overrides={}, **{k: base[k] for k in LAYER_FIELDS})
+        layer.validate(where=f"layer '{name}': ")
+        return layer
+
+    @property
+    def uses_scale_clip(self) -> bool:
+        return self.method in (Method.gdrq, Method.scale_clip)
+
+    @property
+    def weight_groups(self) -> int | None:
+        """Configured weight groups; ``None`` means one per filter (HWGQ), 1 for methods without groups."""
+        if self.method == Method.hwgq:
+            return None
+        if self.method in (Method.gdrq, Method.group, Method.lsq):
+            return self.groups
+        return 1
