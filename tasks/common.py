@@ -1,0 +1,82 @@
+"""Pieces every task's LightningModule shares: optimizer + LR schedule, loss guard.
+
+Quantizer parameters (PACT ``alpha``, LSQ ``step``) get no weight decay here: PACT
+applies its own L2 term and LSQ steps must not be pulled towards zero.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+OptimizerName = Literal["sgd", "adamw"]
+SchedulerName = Literal["cosine", "poly", "none"]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: decayed weights, and undecayed norms/biases/quantizer parameters."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim <= 1 or "quantizer" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimization(
+    module: pl.LightningModule,
+    *,
+    optimizer: OptimizerName,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,
+    scheduler: SchedulerName = "cosine",
+    warmup_steps: int = 0,
+    poly_power: float = 0.9,
+) -> dict:
+    """Optimizer and per-step LR schedule in Lightning's ``configure_optimizers`` format.
+
+    Called from ``configure_optimizers``, which Lightning runs after the
+    quantization callback's ``setup`` swap, so quantizer parameters are included.
+    """
+    groups = param_groups(module, weight_decay)
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+    elif optimizer == "adamw":
+        opt = torch.optim.AdamW(groups, lr=lr)
+    else:
+        raise ValueError(f"optimizer={optimizer!r} is not one of: sgd, adamw")
+    if scheduler == "none":
+        return {"optimizer": opt}
+    total = max(int(module.trainer.estimated_stepping_batches), 1)
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
+        if scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if scheduler == "poly":
+            return (1.0 - progress) ** poly_power
+        raise ValueError(f"scheduler={scheduler!r} is not one of: cosine, poly, none")
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_finite(losses: dict[str, Tensor], step: int) -> None:
+    """Stop on a non-finite loss, naming the term, instead of training on NaNs.
+
+    Raises:
+        FloatingPointError: some loss term is NaN or infinite.
+    """
+    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+    if bad:
+        values = ", ".join(f"{k}={float(losses[k]):.4g}" for k in bad)
+        raise FloatingPointError(f"non-finite loss at global step {step}: {values}")
