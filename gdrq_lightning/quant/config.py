@@ -149,11 +149,10 @@ class QuantConfig:
         """This config with ``fields`` applied, validated, for the layer ``name``."""
         base = {f: getattr(self, f) for f in LAYER_FIELDS}
         base.update(fields)
-        base["method"] = _enum(Method, "method", base["method"])
-        base["hwgq_backward"] = _enum(HWGQBackward, "hwgq_backward", base["hwgq_backward"])
-        layer = dataclasses.replace(self, skip=[], overrides={}, **{k: base[k] for k in LAYER_FIELDS})
-        layer.validate(where=f"layer '{name}': ")
-        return layer
+        try:  # ``replace`` runs ``__post_init__``, which converts the enums and validates
+            return dataclasses.replace(self, skip=[], overrides={}, **{k: base[k] for k in LAYER_FIELDS})
+        except ValueError as err:
+            raise ValueError(f"layer '{name}': {err}") from None
 
     @property
     def uses_scale_clip(self) -> bool:

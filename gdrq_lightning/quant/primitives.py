@@ -207,15 +207,33 @@ def pact_act(x: Tensor, alpha: Tensor, bits: int, decay: float = 0.0) -> Tensor:
     """
     if decay:
         alpha = _L2Grad.apply(alpha, decay)
-    y = torch.minimum(torch.relu(x), alpha)
+    # ``where`` rather than ``minimum``: at ``x == alpha`` the gradient goes to alpha, not half/half
+    y = torch.where(x >= alpha, alpha, torch.relu(x))
     n = unsigned_levels(bits)
     s = (alpha.detach() / n).clamp_min(_MIN_SCALE)
     return y + (torch.round(y.detach() / s) * s - y.detach())
 
 
+class GradScale(torch.autograd.Function):
+    """Identity forward (bit for bit), gradient multiplied by a constant."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
 def grad_scale(x: Tensor, scale: float) -> Tensor:
-    """Identity forward, gradient multiplied by ``scale`` (LSQ's step-size gradient scale)."""
-    return (x - x * scale).detach() + x * scale
+    """Identity forward, gradient multiplied by ``scale`` (LSQ's step-size gradient scale).
+
+    A custom function rather than ``(x - x*scale).detach() + x*scale``, whose forward
+    differs from ``x`` by an ulp and so moves LSQ's step off the stored parameter.
+    """
+    return GradScale.apply(x, scale)
 
 
 def lsq_fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int, g: float) -> Tensor:
