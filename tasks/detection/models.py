@@ -1,0 +1,198 @@
+"""Faster R-CNN builders: a small name -> builder registry over torchvision parts.
+
+Normalisation choice (STYLE §11). torchvision's detectors put ``FrozenBatchNorm2d``
+in the backbone whenever they start from pretrained weights. We default to plain
+``nn.BatchNorm2d`` (``norm="batchnorm"``) instead, pretrained or not, because
+
+* quantization changes every conv's output distribution, so the BN statistics
+  must be able to follow it during QAT (frozen ImageNet statistics cannot);
+* the quantization schedule owns BN: its ``freeze_bn`` phase freezes the
+  statistics late in training, which gives FrozenBN's stability for the last
+  epochs without fixing the pre-quantization statistics for good;
+* export folds the per-group weight steps into the following ``nn.BatchNorm2d``
+  (SPEC §3); a ``FrozenBatchNorm2d`` is not a ``BatchNorm2d``.
+
+``norm="frozen"`` restores torchvision's behaviour (for fine-tuning a pretrained
+backbone with tiny per-GPU batches); its statistics never move and the
+``freeze_bn`` phase then has nothing to do. With BN and small per-GPU batches
+use ``trainer.sync_batchnorm: true`` under DDP.
+
+Weights are never downloaded: ``pretrained_backbone`` is a local file with the
+torchvision *classification* state dict of the backbone (``resnet50``,
+``resnet18`` or ``mobilenet_v3_large``), loaded with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+NormName = Literal["batchnorm", "frozen"]
+
+
+def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """Read a local ``state_dict`` (or a Lightning checkpoint's ``state_dict``) safely.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (the message names it and ``what``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} weights file not found: {path} (only local files are used, nothing is downloaded)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{what} weights file {path} does not hold a state_dict (got {type(state).__name__})")
+    return state
+
+
+def _load_classifier(net: nn.Module, path: str | Path | None, name: str) -> None:
+    if path is None:
+        return
+    state = load_state_dict_file(path, f"pretrained_backbone ({name})")
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"pretrained_backbone {path} does not match torchvision's {name}: {e}") from None
+    # A torchvision checkpoint saved before BN tracked batches lacks num_batches_tracked: harmless.
+    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"pretrained_backbone {path} does not match torchvision's {name}: "
+            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+
+
+def _norm_layer(norm: str) -> Callable[..., nn.Module] | None:
+    if norm == "batchnorm":
+        return None  # each torchvision net's own BatchNorm2d (MobileNetV3: eps=1e-3, momentum=0.01)
+    if norm == "frozen":
+        return FrozenBatchNorm2d
+    raise ValueError(f"norm={norm!r} is not one of: batchnorm, frozen")
+
+
+def resnet_fpn(
+    name: str, *, trainable_layers: int, fpn_channels: int, norm: str, pretrained_backbone: str | None
+) -> BackboneWithFPN:
+    """ResNet + FPN (4 levels + max-pool level), as ``resnet_fpn_backbone`` with a free FPN width."""
+    if not 0 <= trainable_layers <= 5:
+        raise ValueError(f"trainable_layers={trainable_layers} must be in 0..5 for {name}")
+    net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm))
+    _load_classifier(net, pretrained_backbone, name)
+    train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
+    if trainable_layers == 5:
+        train.append("bn1")
+    for pname, p in net.named_parameters():
+        if not any(pname.startswith(t) for t in train):
+            p.requires_grad_(False)
+    stage2 = net.inplanes // 8
+    return BackboneWithFPN(
+        net, {f"layer{k}": str(k - 1) for k in (1, 2, 3, 4)}, [stage2 * 2 ** (k - 1) for k in (1, 2, 3, 4)],
+        fpn_channels, extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def mobilenet_v3_fpn(
+    *, trainable_layers: int, fpn_channels: int, norm: str, pretrained_backbone: str | None
+) -> BackboneWithFPN:
+    """MobileNetV3-Large features + FPN on the last two stages (+ max-pool level), as torchvision."""
+    net = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=_norm_layer(norm))
+    _load_classifier(net, pretrained_backbone, "mobilenet_v3_large")
+    features = net.features
+    stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
+    if not 0 <= trainable_layers <= len(stages):
+        raise ValueError(f"trainable_layers={trainable_layers} must be in 0..{len(stages)} for mobilenet_v3_large")
+    freeze_before = len(features) if trainable_layers == 0 else stages[len(stages) - trainable_layers]
+    for block in features[:freeze_before]:
+        block.requires_grad_(False)
+    returned = [len(stages) - 2, len(stages) - 1]
+    return BackboneWithFPN(
+        features, {str(stages[k]): str(v) for v, k in enumerate(returned)},
+        [features[stages[k]].out_channels for k in returned], fpn_channels, extra_blocks=LastLevelMaxPool(),
+    )
+
+
+def _r50(**kw) -> BackboneWithFPN:
+    return resnet_fpn("resnet50", **kw)
+
+
+def _r18(**kw) -> BackboneWithFPN:
+    return resnet_fpn("resnet18", **kw)
+
+
+# name -> (backbone builder, number of feature maps the RPN sees)
+ARCHS: dict[str, tuple[Callable[..., BackboneWithFPN], int]] = {
+    "fasterrcnn_resnet50_fpn": (_r50, 5),
+    "fasterrcnn_resnet18_fpn": (_r18, 5),
+    "fasterrcnn_mobilenet_v3_large_fpn": (mobilenet_v3_fpn, 3),
+}
+
+
+def anchor_generator(arch: str, sizes: list[int], aspect_ratios: list[float]) -> AnchorGenerator:
+    """ResNet-FPN: one size per level (5 sizes); MobileNet-FPN: every size on each of 3 levels."""
+    levels = ARCHS[arch][1]
+    if arch.startswith("fasterrcnn_resnet"):
+        if len(sizes) != levels:
+            raise ValueError(f"{arch} has {levels} feature levels: anchor_sizes needs {levels} values, got {sizes}")
+        per_level = tuple((int(s),) for s in sizes)
+    else:
+        per_level = (tuple(int(s) for s in sizes),) * levels
+    return AnchorGenerator(per_level, (tuple(float(a) for a in aspect_ratios),) * levels)
+
+
+def build_faster_rcnn(
+    arch: str,
+    *,
+    num_classes: int,
+    min_size: int,
+    max_size: int,
+    anchor_sizes: list[int],
+    aspect_ratios: list[float],
+    trainable_layers: int,
+    fpn_channels: int,
+    representation_size: int,
+    norm: str,
+    pretrained_backbone: str | None,
+    **detector_kwargs,
+) -> FasterRCNN:
+    """A torchvision ``FasterRCNN`` for ``arch`` (see :data:`ARCHS`), never downloading weights.
+
+    Raises:
+        ValueError: unknown ``arch`` (the message lists the known names) or bad sizes.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r} is not one of: {', '.join(sorted(ARCHS))}")
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes} must count the background too (>= 2)")
+    builder, _ = ARCHS[arch]
+    backbone = builder(
+        trainable_layers=trainable_layers, fpn_channels=fpn_channels, norm=norm, pretrained_backbone=pretrained_backbone
+    )
+    if representation_size < 1 or fpn_channels < 1:
+        raise ValueError(f"fpn_channels={fpn_channels} and representation_size={representation_size} must be >= 1")
+    resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size
+    return FasterRCNN(
+        backbone, min_size=min_size, max_size=max_size,
+        rpn_anchor_generator=anchor_generator(arch, anchor_sizes, aspect_ratios),
+        box_head=TwoMLPHead(fpn_channels * resolution**2, representation_size),
+        box_predictor=FastRCNNPredictor(representation_size, num_classes), **detector_kwargs,
+    )
+
+
+def first_conv_name(model: nn.Module, under: str = "backbone.body") -> str:
+    """Dotted name of the first ``nn.Conv2d`` below ``under`` (the stem conv kept full precision)."""
+    root = model.get_submodule(under)
+    for name, module in root.named_modules():
+        if type(module) is nn.Conv2d:
+            return f"{under}.{name}"
+    raise ValueError(f"no nn.Conv2d below {under!r}")

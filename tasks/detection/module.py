@@ -1,0 +1,229 @@
+"""``DetectionModule``: torchvision Faster R-CNN as a LightningModule for QAT.
+
+The detector is ``self.model``, which is what the quantization callback swaps.
+What gets quantized by default: backbone and FPN only. ``quant_skip_default``
+(used by the callback when ``QuantConfig.skip`` is ``None``) keeps the RPN, the
+RoI heads and the stem conv in full precision, the usual choice for low-bit
+detectors (the heads are small, the regression outputs sensitive). Set ``skip``
+explicitly (e.g. ``[backbone.body.conv1]``) to quantize the heads too.
+
+Backbone normalisation is ``nn.BatchNorm2d`` by default, not torchvision's
+``FrozenBatchNorm2d``: see :mod:`tasks.detection.models` for why.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite
+
+from .evaluator import COCOEvaluator
+from .models import ARCHS, build_faster_rcnn, first_conv_name, load_state_dict_file
+
+Batch = tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]
+
+
+class DetectionModule(pl.LightningModule):
+    """Faster R-CNN (ResNet-50/18-FPN, MobileNetV3-Large-FPN) trained and scored COCO-style.
+
+    Args:
+        arch: ``fasterrcnn_resnet50_fpn``, ``fasterrcnn_resnet18_fpn`` or
+            ``fasterrcnn_mobilenet_v3_large_fpn``.
+        num_classes: categories + 1 (background); COCO 2017: 81, digits-COCO: 11.
+        min_size: images are resized so the short side is ``min_size`` ...
+        max_size: ... and the long side at most ``max_size``.
+        anchor_sizes: ResNet-FPN: one size per level (5); MobileNet: sizes used on each of its 3 levels.
+        aspect_ratios: anchor aspect ratios (every level).
+        trainable_layers: backbone stages left trainable (ResNet 0..5, MobileNet 0..6; 5 from scratch).
+        fpn_channels: FPN / RPN width (torchvision: 256).
+        representation_size: width of the box head's two FC layers (torchvision: 1024).
+        norm: ``batchnorm`` (default, see module docstring) or ``frozen`` (torchvision's FrozenBatchNorm2d).
+        rpn_proposals_train: RPN proposals kept per image (pre- and post-NMS) in training.
+        rpn_proposals_test: the same at evaluation.
+        rpn_batch_size_per_image: anchors sampled per image for the RPN loss.
+        box_batch_size_per_image: RoIs sampled per image for the box-head loss.
+        box_score_thresh: minimum score of a returned detection.
+        box_detections_per_img: detections kept per image (COCO scores 100).
+        optimizer: ``sgd`` or ``adamw``.
+        lr: peak learning rate.
+        weight_decay: L2 on weights (not on norms, biases, quantizer parameters).
+        momentum: SGD momentum.
+        scheduler: ``cosine``, ``poly`` or ``none`` (per step).
+        warmup_steps: linear LR warm-up steps.
+        pretrained: local file with full detector weights (``self.model.state_dict()``
+            or a Lightning checkpoint of this module); float weights, loaded before quantization.
+        pretrained_backbone: local file with torchvision classification weights of the backbone.
+
+    Raises:
+        ValueError: unknown ``arch`` (the message lists the known ones) or bad sizes.
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: str = "fasterrcnn_resnet50_fpn",
+        num_classes: int = 81,
+        min_size: int = 800,
+        max_size: int = 1333,
+        anchor_sizes: list[int] | None = None,
+        aspect_ratios: list[float] | None = None,
+        trainable_layers: int = 5,
+        fpn_channels: int = 256,
+        representation_size: int = 1024,
+        norm: Literal["batchnorm", "frozen"] = "batchnorm",
+        rpn_proposals_train: int = 2000,
+        rpn_proposals_test: int = 1000,
+        rpn_batch_size_per_image: int = 256,
+        box_batch_size_per_image: int = 512,
+        box_score_thresh: float = 0.05,
+        box_detections_per_img: int = 100,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.02,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "cosine",
+        warmup_steps: int = 0,
+        pretrained: str | None = None,
+        pretrained_backbone: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if arch not in ARCHS:
+            raise ValueError(f"arch={arch!r} is not one of: {', '.join(sorted(ARCHS))}")
+        self.model = build_faster_rcnn(
+            arch, num_classes=num_classes, min_size=min_size, max_size=max_size,
+            anchor_sizes=list(anchor_sizes or [32, 64, 128, 256, 512]),
+            aspect_ratios=list(aspect_ratios or [0.5, 1.0, 2.0]),
+            trainable_layers=trainable_layers, fpn_channels=fpn_channels, representation_size=representation_size,
+            norm=norm, pretrained_backbone=pretrained_backbone,
+            rpn_pre_nms_top_n_train=rpn_proposals_train, rpn_post_nms_top_n_train=rpn_proposals_train,
+            rpn_pre_nms_top_n_test=rpn_proposals_test, rpn_post_nms_top_n_test=rpn_proposals_test,
+            rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=box_batch_size_per_image,
+            box_score_thresh=box_score_thresh, box_detections_per_img=box_detections_per_img,
+        )
+        if pretrained is not None:
+            self._load_pretrained(pretrained)
+        self.num_classes = num_classes
+        # Patterns kept full precision when QuantConfig.skip is None: backbone + FPN get quantized.
+        self.quant_skip_default: list[str] = ["rpn", "roi_heads", first_conv_name(self.model)]
+        self.evaluator: COCOEvaluator | None = None
+        self._warned_no_eval = False
+
+    def _load_pretrained(self, path: str) -> None:
+        state = load_state_dict_file(path, "pretrained (detector)")
+        if all(k.startswith("model.") for k in state):
+            state = {k[len("model."):]: v for k, v in state.items()}
+        hint = (
+            f"pretrained {path} does not match {self.hparams.arch} with num_classes={self.hparams.num_classes} "
+            f"(float detector weights expected; resume quantized runs with ckpt_path instead)"
+        )
+        try:
+            result = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{hint}: {e}") from None
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{hint}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections (eval mode): per image ``boxes`` xyxy, ``labels`` 1..K, ``scores``."""
+        return self.model(list(images))
+
+    # ---- setup / evaluation plumbing ------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        needed = getattr(dm, "num_classes", None) if dm is not None and _ready(dm) else None
+        if needed is not None:
+            if self.num_classes < needed:
+                raise ValueError(
+                    f"DetectionModule(num_classes={self.num_classes}) is too small for the data: "
+                    f"{needed - 1} categories + background = {needed}"
+                )
+            if self.num_classes > needed:
+                warnings.warn(
+                    f"DetectionModule(num_classes={self.num_classes}) exceeds the data's {needed - 1} categories "
+                    f"+ background; the extra classes are never trained", stacklevel=2,
+                )
+
+    def _make_evaluator(self) -> COCOEvaluator | None:
+        dm = self.trainer.datamodule
+        if dm is not None and hasattr(dm, "val_coco") and _ready(dm):
+            return COCOEvaluator(dm.val_coco, dm.label_to_cat_id)
+        loaders = self.trainer.val_dataloaders if not self.trainer.testing else self.trainer.test_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        dataset = getattr(loader, "dataset", None)
+        if dataset is not None and hasattr(dataset, "coco") and hasattr(dataset, "label_to_cat_id"):
+            return COCOEvaluator(dataset.coco, dataset.label_to_cat_id)
+        if not self._warned_no_eval:
+            warnings.warn(
+                "DetectionModule: no COCO ground truth found (use COCODataModule or a COCODetection "
+                "validation set); skipping mAP", stacklevel=2,
+            )
+            self._warned_no_eval = True
+        return None
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses: dict[str, Tensor] = self.model(list(images), list(targets))
+        check_finite(losses, self.global_step)
+        loss = sum(losses.values())
+        bs = len(images)
+        for name, value in losses.items():
+            self.log(f"train/{name}", value, batch_size=bs)
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self.evaluator = self._make_evaluator()
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        images, targets = batch
+        outputs = self.model(list(images))
+        if self.evaluator is not None:
+            self.evaluator.update(outputs, targets)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val")
+
+    def on_test_epoch_start(self) -> None:
+        self.evaluator = self._make_evaluator()
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test")
+
+    def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Tensor]]:
+        images = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+        return self.model(list(images))
+
+    def _log_metrics(self, prefix: str) -> None:
+        if self.evaluator is None or self.trainer.sanity_checking:
+            return
+        metrics = self.evaluator.compute()
+        self.evaluator.reset()
+        for name, value in metrics.items():
+            # identical on every rank already (rank 0 computed, then broadcast); sync_dist is a no-op mean
+            self.log(f"{prefix}/{name}", float(value), prog_bar=name == "mAP", sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        return build_optimization(
+            self, optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum,
+            scheduler=hp.scheduler, warmup_steps=hp.warmup_steps,
+        )
+
+
+def _ready(dm: Any) -> bool:
+    """Whether a COCODataModule-like object has run ``setup`` (its mapping is available)."""
+    try:
+        dm.label_to_cat_id
+    except RuntimeError:
+        return False
+    return True
