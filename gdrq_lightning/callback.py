@@ -1,0 +1,237 @@
+"""``GDRQCallback``: swaps layers at ``setup`` and drives the phase schedule (SPEC §6).
+
+Every target layer is swapped in ``setup``, even in the ``fp`` phase (quantizers
+present but off), so checkpoint keys never change between phases and the optimizer
+(built after ``setup``) sees every quantizer parameter. Phases only flip switches
+stored as buffers; the callback's own state is the list of phases that have run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from enum import Enum
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from . import monitoring
+from .quant import QuantConfig, quantize_model, quantized_layers, set_quant_state
+from .quant.layers import QuantConv2d, QuantLinear
+from .schedule import PHASES, Schedule
+
+STATE_VERSION = 1
+_SWITCH_OF_PHASE = {"scale_clip": "scale_clip", "quant_weights": "quant_weights", "quant_acts": "quant_acts", "groups": "groups"}
+
+
+def quant_target(pl_module: pl.LightningModule) -> nn.Module:
+    """The network the callback quantizes: ``pl_module.model`` when present."""
+    target = getattr(pl_module, "model", None)
+    return target if isinstance(target, nn.Module) else pl_module
+
+
+def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantConfig:
+    """Use the task's ``quant_skip_default`` when the config leaves ``skip`` unset."""
+    default = getattr(pl_module, "quant_skip_default", None)
+    if config.skip is None and default is not None:
+        return dataclasses.replace(config, skip=list(default))
+    return config
+
+
+def config_to_dict(config: QuantConfig) -> dict[str, Any]:
+    """Plain-value dict of a config (no enums), safe for ``torch.load(weights_only=True)``."""
+    return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+class GDRQCallback(Callback):
+    """Quantize a LightningModule's network and schedule the quantization phases.
+
+    Args:
+        config: what to quantize and how (:class:`QuantConfig`).
+        schedule: when each phase begins (:class:`Schedule`); default: all on from the start.
+        log_every_n_steps: interval of per-layer statistics (default: the trainer's).
+        plot_layer: name of the layer plotted at each phase change (default: the first
+            quantized conv/linear).
+        summary_metric: a validation metric (e.g. ``val/acc1``) recorded at the end of
+            each phase and printed as a table when training ends.
+
+    Example:
+        >>> cb = GDRQCallback(QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4),
+        ...                   Schedule(scale_clip=1, quant_weights=2, quant_acts=3, groups=4, freeze_bn=5))
+    """
+
+    def __init__(
+        self,
+        config: QuantConfig | None = None,
+        schedule: Schedule | None = None,
+        *,
+        log_every_n_steps: int | None = None,
+        plot_layer: str | None = None,
+        summary_metric: str | None = None,
+    ) -> None:
+        super().__init__()
+        config = QuantConfig() if config is None else config
+        schedule = Schedule() if schedule is None else schedule
+        if isinstance(config, dict):
+            config = QuantConfig(**config)
+        if isinstance(schedule, dict):
+            schedule = Schedule(**schedule)
+        if not isinstance(config, QuantConfig):
+            raise TypeError(f"GDRQCallback(config=...) needs a QuantConfig or a dict of its fields, got {type(config).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"GDRQCallback(schedule=...) needs a Schedule or a dict of its fields, got {type(schedule).__name__}")
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"GDRQCallback(log_every_n_steps={log_every_n_steps}) must be >= 1 or None")
+        self.config = config
+        self.schedule = schedule
+        self.log_every_n_steps = log_every_n_steps
+        self.plot_layer = plot_layer
+        self.summary_metric = summary_metric
+        self.done: list[str] = []
+        self.phase_metrics: dict[str, float] = {}
+        self._module_class = ""
+        self._target: nn.Module | None = None
+        self._probe = None
+
+    # -- structure -------------------------------------------------------------------
+    @property
+    def phase(self) -> str:
+        """The latest phase that has begun (``fp`` before any)."""
+        return self.done[-1] if self.done else "fp"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._module_class = f"{type(pl_module).__module__}.{type(pl_module).__qualname__}"
+        target = quant_target(pl_module)
+        if quantized_layers(target):  # already swapped (second stage, or a pre-quantized module)
+            self._target = target
+            return
+        quantize_model(target, resolve_config(self.config, pl_module))
+        self._target = target
+        n = len(quantized_layers(target))
+        rank_zero_info(f"[gdrq] quantized {n} layers ({self.config.method.value} W{self.config.weight_bits}A{self.config.act_bits})")
+        if stage == "fit":
+            # Start in fp; a resumed run gets its switch buffers back from the checkpoint.
+            set_quant_state(target, scale_clip=False, quant_weights=False, quant_acts=False, groups=False)
+
+    # -- schedule ---------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for phase in self.done:  # idempotent: a resumed run continues in the same phase
+            self._switch_on(phase)
+        rank_zero_info(f"[gdrq] schedule: {self.schedule.describe()}; current phase: {self.phase}")
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._advance(trainer, pl_module)
+        if "freeze_bn" in self.done:
+            self._freeze_bn()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._advance(trainer, pl_module)
+        if "freeze_bn" in self.done:
+            self._freeze_bn()
+        if self._should_log(trainer):
+            self._probe = monitoring.activation_probe(self._target)
+            self._probe_results = self._probe.__enter__()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for _, layer in quantized_layers(self._target):
+            if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.weight_quantizer.project:
+                layer.weight_quantizer.project_(layer.weight)
+        if self._probe is not None:
+            self._probe.__exit__(None, None, None)
+            self._probe = None
+            self._log_layer_stats(trainer, self._probe_results)
+
+    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for phase in self.schedule.due(trainer.current_epoch, trainer.global_step):
+            if phase not in self.done:
+                self._begin(phase, trainer)
+
+    def _begin(self, phase: str, trainer: pl.Trainer) -> None:
+        self._switch_on(phase)
+        self.done.append(phase)
+        rank_zero_info(f"[gdrq] epoch {trainer.current_epoch} step {trainer.global_step}: phase '{phase}' begins")
+        monitoring.log_metrics(trainer, {"quant/phase": float(PHASES.index(phase) + 1)}, trainer.global_step)
+        plot = self._plot_weights(trainer, phase)
+        if plot is not None:
+            monitoring.log_image(trainer, f"quant/distribution_{phase}", plot)
+
+    def _switch_on(self, phase: str) -> None:
+        if phase in _SWITCH_OF_PHASE:
+            set_quant_state(self._target, **{_SWITCH_OF_PHASE[phase]: True})
+        elif phase == "freeze_bn":
+            self._freeze_bn()
+
+    def _freeze_bn(self) -> None:
+        for module in self._target.modules():
+            if isinstance(module, _BatchNorm) and module.training:
+                module.eval()  # normalise with, and stop updating, the running statistics
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        value = trainer.callback_metrics.get(self.summary_metric) if self.summary_metric else None
+        if value is not None and not trainer.sanity_checking:
+            self.phase_metrics[self.phase] = float(value)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.phase_metrics:
+            rows = ", ".join(f"{phase}: {value:.4f}" for phase, value in self.phase_metrics.items())
+            rank_zero_info(f"[gdrq] {self.summary_metric} at the end of each phase -> {rows}")
+
+    # -- monitoring -------------------------------------------------------------------
+    def _should_log(self, trainer: pl.Trainer) -> bool:
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        return trainer.global_step % every == 0 and bool(trainer.loggers)
+
+    def _log_layer_stats(self, trainer: pl.Trainer, act_stats: dict[str, dict[str, float]]) -> None:
+        metrics: dict[str, float] = {}
+        for name, layer in quantized_layers(self._target):
+            if isinstance(layer, (QuantConv2d, QuantLinear)):
+                for key, value in monitoring.weight_stats(layer).items():
+                    metrics[f"quant/{name}/w_{key}"] = value
+        for name, stats in act_stats.items():
+            for key, value in stats.items():
+                metrics[f"quant/{name}/a_{key}"] = value
+        monitoring.log_metrics(trainer, metrics, trainer.global_step)
+
+    def _plot_layer(self) -> tuple[str, nn.Module] | None:
+        layers = [(n, m) for n, m in quantized_layers(self._target) if isinstance(m, (QuantConv2d, QuantLinear))]
+        for name, layer in layers:
+            if self.plot_layer is None or name == self.plot_layer:
+                return name, layer
+        return None
+
+    def _plot_weights(self, trainer: pl.Trainer, tag: str) -> str | None:
+        """Raw vs as-used (clipped / quantized) weights of one layer: logger histograms and a PNG."""
+        found = self._plot_layer()
+        if found is None or not trainer.is_global_zero:
+            return None
+        name, layer = found
+        w = layer.weight.detach()
+        wq = layer.weight_quantizer(w).detach()
+        monitoring.log_histograms(trainer, {f"hist/{name}/weight_raw": w, f"hist/{name}/weight_used": wq}, trainer.global_step)
+        path = os.path.join(monitoring.run_dir(trainer), "quant_plots", f"{tag}_{name.replace('.', '_')}.png")
+        return monitoring.save_distribution_plot(
+            path, f"{name}: phase '{tag}' at epoch {trainer.current_epoch}", {"raw weight": w, "as used in forward": wq}
+        )
+
+    # -- state ------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": STATE_VERSION,
+            "done": list(self.done),
+            "phase_metrics": dict(self.phase_metrics),
+            "config": config_to_dict(self.config),
+            "module": self._module_class,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        version = state_dict.get("version")
+        if version != STATE_VERSION:
+            raise ValueError(f"GDRQCallback state version {version!r} is not supported (expected {STATE_VERSION})")
+        unknown = [p for p in state_dict["done"] if p not in PHASES]
+        if unknown:
+            raise ValueError(f"GDRQCallback checkpoint names unknown phases {unknown}")
+        self.done = list(state_dict["done"])
+        self.phase_metrics = dict(state_dict.get("phase_metrics", {}))

@@ -1,0 +1,74 @@
+"""Rebuild a quantized LightningModule from a checkpoint alone (for export and inspection).
+
+A checkpoint written with :class:`GDRQCallback` carries the module's class path, its
+hyper-parameters and the ``QuantConfig``; loading is ``weights_only=True`` throughout.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+
+from .callback import quant_target, resolve_config
+from .quant import QuantConfig, quantize_model
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is unreadable, not from gdrq, or from another model."""
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that name the file and the problem."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no 'state_dict': not a Lightning checkpoint")
+    return ckpt
+
+
+def gdrq_state(ckpt: dict[str, Any], path: str = "checkpoint") -> dict[str, Any]:
+    """The ``GDRQCallback`` state stored in a Lightning checkpoint."""
+    for key, state in ckpt.get("callbacks", {}).items():
+        if key.startswith("GDRQCallback") and isinstance(state, dict):
+            return state
+    raise CheckpointError(f"{path} has no GDRQCallback state: it was not trained with the gdrq quantization callback")
+
+
+def load_quantized_module(path: str) -> pl.LightningModule:
+    """Instantiate the checkpoint's LightningModule, quantize it as trained, load the weights.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: unreadable file, no gdrq state, or weights that do not fit the model.
+    """
+    ckpt = load_checkpoint(path)
+    state = gdrq_state(ckpt, path)
+    class_path = state.get("module") or ckpt.get("hyper_parameters", {}).get("_class_path", "")
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        raise CheckpointError(f"{path}: cannot import the module class {class_path!r}") from None
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    module = cls(**hparams)
+    config = QuantConfig(**state["config"])
+    quantize_model(quant_target(module), resolve_config(config, module))
+    try:
+        result = module.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{path} does not match {class_path}: {str(e).splitlines()[-1].strip()}") from None
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{path} does not match {class_path}: missing keys {result.missing_keys[:5]}, "
+            f"unexpected keys {result.unexpected_keys[:5]}"
+        )
+    return module.eval()

@@ -1,0 +1,115 @@
+"""The ``gdrq`` command.
+
+``gdrq fit|validate|test|predict --config FILE`` is a LightningCLI (configs name the
+LightningModule / DataModule by ``class_path``); ``gdrq export`` turns a checkpoint
+into integer weights + ONNX; ``gdrq data`` writes the embedded demo datasets.
+User errors end in one line on stderr and exit code 2; set ``GDRQ_DEBUG=1`` (or
+pass ``--debug``) for the full traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Callable
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.cli import LightningCLI
+
+# `gdrq data NAME DIR` -> (module, function); the library imports task code only here, lazily.
+DATA_COMMANDS: dict[str, tuple[str, str]] = {
+    "make-digits-coco": ("tasks.detection.digits_coco", "make_digits_coco"),
+    "make-digits-voc": ("tasks.segmentation.digits_voc", "make_digits_voc"),
+}
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, KeyError, TypeError)
+
+
+class GDRQCLI(LightningCLI):
+    """LightningCLI with an always-present ``ModelCheckpoint`` (``--checkpoint.*``) that
+    keeps ``last.ckpt``, W&B offline as the default logger and a Rich progress bar."""
+
+    def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True})
+
+    def instantiate_trainer(self, **kwargs) -> pl.Trainer:  # type: ignore[override]
+        trainer = super().instantiate_trainer(**kwargs)
+        for i, cb in enumerate(trainer.callbacks):
+            if type(cb) is TQDMProgressBar and sys.stdout.isatty():
+                trainer.callbacks[i] = RichProgressBar()
+        return trainer
+
+
+def default_logger() -> dict:
+    """W&B, offline unless the user set ``WANDB_MODE`` (no network is assumed)."""
+    mode = os.environ.get("WANDB_MODE", "offline")
+    return {
+        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "init_args": {"project": "gdrq-lightning", "save_dir": "runs", "offline": mode in ("offline", "disabled")},
+    }
+
+
+def run_lightning(args: list[str]) -> None:
+    GDRQCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        trainer_defaults={"logger": default_logger(), "default_root_dir": "runs"},
+        save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,
+        args=None if args == sys.argv[1:] else args,  # LightningCLI warns when both are given
+    )
+
+
+def run_export(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="gdrq export", description="Export a gdrq checkpoint: integer weights, ONNX and a JSON report.")
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by a gdrq run (e.g. runs/.../last.ckpt)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"), help="example input shape (default: 3 32 32)")
+    ns = parser.parse_args(args)
+    import json
+
+    import torch
+
+    from .checkpoint import load_quantized_module
+    from .export import export_model
+
+    module = load_quantized_module(ns.ckpt)
+    report = export_model(module.model if hasattr(module, "model") else module, torch.zeros(1, *ns.input_shape), ns.out)
+    print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
+
+
+def run_data(args: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="gdrq data", description="Write an embedded demo dataset (made from scikit-learn's digits) to disk.")
+    parser.add_argument("command", choices=sorted(DATA_COMMANDS))
+    parser.add_argument("out_dir", help="directory to write the dataset into")
+    parser.add_argument("--seed", type=int, default=0)
+    ns = parser.parse_args(args)
+    module_name, func_name = DATA_COMMANDS[ns.command]
+    make: Callable = getattr(importlib.import_module(module_name), func_name)
+    print(make(ns.out_dir, seed=ns.seed))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``gdrq`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("GDRQ_DEBUG", "") not in ("", "0") or "--debug" in args
+    args = [a for a in args if a != "--debug"]
+    commands = {"export": run_export, "data": run_data}
+    try:
+        if args and args[0] in commands:
+            commands[args[0]](args[1:])
+        else:
+            run_lightning(args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"gdrq: error: {type(e).__name__}: {e}\n(set GDRQ_DEBUG=1 or pass --debug for the traceback)", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

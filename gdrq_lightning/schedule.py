@@ -1,0 +1,99 @@
+"""The quantization schedule: when each phase begins (SPEC §6).
+
+Phases, in order: ``fp`` (implicit, before any other) -> ``scale_clip`` ->
+``quant_weights`` -> ``quant_acts`` -> ``groups`` -> ``freeze_bn``. Each phase only
+turns things on. A start is an epoch or a global step; ``None`` skips the phase.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, Union
+
+PHASES: tuple[str, ...] = ("scale_clip", "quant_weights", "quant_acts", "groups", "freeze_bn")
+Unit = Literal["epoch", "step"]
+PhaseStart = Union[int, str, None]
+
+
+class Start(NamedTuple):
+    """A parsed phase start: ``unit`` is ``"epoch"`` or ``"step"``."""
+
+    unit: str
+    at: int
+
+
+def parse_start(phase: str, value: PhaseStart, default_unit: str) -> Start | None:
+    """Parse ``3``, ``"epoch:3"``, ``"step:500"`` or ``None`` (skipped).
+
+    Raises:
+        ValueError: negative starts, unknown units or non-integer values, naming the phase.
+    """
+    if value is None:
+        return None
+    unit, raw = default_unit, value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text in ("none", "null", "skip", ""):
+            return None
+        unit, sep, raw = text.partition(":")
+        if not sep:
+            unit, raw = default_unit, text
+        if unit not in ("epoch", "step"):
+            raise ValueError(f"Schedule.{phase}={value!r}: unit must be 'epoch' or 'step' (e.g. 'step:500')")
+        try:
+            raw = int(raw)
+        except ValueError:
+            raise ValueError(f"Schedule.{phase}={value!r} is not an integer start (e.g. 3 or 'step:500')") from None
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
+        raise ValueError(f"Schedule.{phase}={value!r} must be a non-negative integer, 'epoch:N', 'step:N' or null")
+    return Start(unit, raw)
+
+
+@dataclass
+class Schedule:
+    """When each phase begins; ints count in ``unit``, strings may name their own unit.
+
+    Args:
+        scale_clip: start of Scale-Clip (weights and activations).
+        quant_weights: start of weight quantization.
+        quant_acts: start of activation quantization.
+        groups: switch from one group per layer to the configured ``G``.
+        freeze_bn: BatchNorm statistics frozen (BN layers in eval mode) from here on.
+        unit: ``epoch`` or ``step`` (global optimizer step) for plain integers.
+
+    The default turns everything but ``freeze_bn`` on from the first step.
+    """
+
+    scale_clip: PhaseStart = 0
+    quant_weights: PhaseStart = 0
+    quant_acts: PhaseStart = 0
+    groups: PhaseStart = 0
+    freeze_bn: PhaseStart = None
+    unit: Unit = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.unit not in ("epoch", "step"):
+            raise ValueError(f"Schedule.unit={self.unit!r} is not one of: epoch, step")
+        starts = self.starts()
+        previous: tuple[str, Start] | None = None
+        for phase in PHASES:
+            start = starts[phase]
+            if start is None:
+                continue
+            if previous and previous[1].unit == start.unit and start.at < previous[1].at:
+                raise ValueError(
+                    f"Schedule phases out of order: {phase} ({start.unit} {start.at}) starts before "
+                    f"{previous[0]} ({previous[1].unit} {previous[1].at}); the order is fp -> {' -> '.join(PHASES)}"
+                )
+            previous = (phase, start)
+
+    def starts(self) -> dict[str, Start | None]:
+        return {p: parse_start(p, getattr(self, p), self.unit) for p in PHASES}
+
+    def due(self, epoch: int, step: int) -> list[str]:
+        """Phases whose start has been reached at ``epoch`` / global ``step``, in order."""
+        now = {"epoch": epoch, "step": step}
+        return [p for p, s in self.starts().items() if s is not None and now[s.unit] >= s.at]
+
+    def describe(self) -> str:
+        parts = [f"{p}@{s.unit} {s.at}" if s else f"{p}: skipped" for p, s in self.starts().items()]
+        return ", ".join(parts)

@@ -1,0 +1,92 @@
+"""``ClassificationModule``: cross-entropy training of any torchvision / timm classifier."""
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite
+
+from .models import build_classifier
+
+
+class ClassificationModule(pl.LightningModule):
+    """Image classification with top-1 / top-5 accuracy.
+
+    The network lives in ``self.model``: the quantization callback quantizes it,
+    keeping the first conv and the final classifier full precision by default.
+
+    Args:
+        model: torchvision name (``resnet18``) or ``timm/<name>``.
+        num_classes: number of classes.
+        pretrained: local weights file (never downloaded).
+        small_input: CIFAR-style ResNet stem for 32x32 inputs.
+        optimizer: ``sgd`` or ``adamw``.
+        lr: peak learning rate.
+        weight_decay: decay on conv/linear weights (not on norms, biases, quantizer params).
+        momentum: SGD momentum.
+        scheduler: ``cosine``, ``poly`` or ``none`` (per step).
+        warmup_steps: linear warm-up steps.
+        label_smoothing: cross-entropy label smoothing.
+    """
+
+    def __init__(
+        self,
+        model: str = "resnet18",
+        *,
+        num_classes: int = 10,
+        pretrained: str | None = None,
+        small_input: bool = False,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.05,
+        weight_decay: float = 5e-4,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "cosine",
+        warmup_steps: int = 0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = build_classifier(model, num_classes=num_classes, pretrained=pretrained, small_input=small_input)
+        top_k = min(5, num_classes)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
+        self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+        check_finite({"loss": loss}, self.global_step)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log_dict({"train/loss": loss, "train/acc1": acc}, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_acc1(logits, y)
+        self.val_acc5(logits, y)
+        self.log("val/loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
+        self.log_dict({"val/acc1": self.val_acc1, "val/acc5": self.val_acc5}, prog_bar=True, batch_size=len(y))
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc1(self(x), y)
+        self.log("test/acc1", self.test_acc1, batch_size=len(y))
+
+    def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(x), dim=1)
+
+    def configure_optimizers(self) -> dict:
+        h = self.hparams
+        return build_optimization(
+            self, optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay, momentum=h.momentum,
+            scheduler=h.scheduler, warmup_steps=h.warmup_steps,
+        )

@@ -1,0 +1,137 @@
+"""LightningDataModules for PASCAL VOC (optionally SBD-augmented) and Cityscapes.
+
+Training batches are random-scaled, padded and cropped to ``crop_size`` and flipped;
+validation runs on whole images, batched by padding to the largest image in the
+batch (image 0 = mean colour after normalisation, mask 255 = ignored), so padding
+never touches the metrics. The training loader drops its last incomplete batch
+(PSPNet's BN layers need more than one value per channel).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytorch_lightning as pl
+from torch.utils.data import DataLoader
+
+from .datasets import SegmentationFiles, cityscapes_dataset, voc_dataset
+from .labels import CITYSCAPES_CLASSES, default_class_names
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, pad_collate, train_transforms
+
+
+class _SegmentationDataModule(pl.LightningDataModule):
+    """Shared loaders and transforms; subclasses build ``train_set`` / ``val_set`` in ``setup``."""
+
+    num_classes: int
+    class_names: list[str]
+
+    def __init__(self, *, root: str, batch_size: int, val_batch_size: int | None, num_workers: int,
+                 crop_size: int | tuple[int, int], scale_range: tuple[float, float], hflip: bool,
+                 mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        if len(scale_range) != 2:
+            raise ValueError(f"scale_range={scale_range!r} must be (min, max)")
+        self.root = Path(root)
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.crop_size = crop_size
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.hflip = hflip
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.train_set: SegmentationFiles | None = None
+        self.val_set: SegmentationFiles | None = None
+
+    def _train_transform(self):
+        return train_transforms(self.crop_size, self.scale_range, self.hflip)
+
+    def _loader(self, dataset: SegmentationFiles | None, *, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        return DataLoader(
+            dataset, batch_size=self.batch_size if train else self.val_batch_size, shuffle=train,
+            drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers,
+            collate_fn=pad_collate, persistent_workers=self.num_workers > 0, pin_memory=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+
+class VOCSegmentationDataModule(_SegmentationDataModule):
+    """PASCAL VOC segmentation: ``<root>/JPEGImages/*.jpg``, ``<root>/SegmentationClass/*.png``
+    (palette PNGs of class indices, 255 = boundary/ignore), ``<root>/ImageSets/Segmentation/{train,val}.txt``.
+
+    Args:
+        root: the ``VOC2012`` folder (or a generated digits-VOC folder).
+        num_classes: 21 for VOC, 11 for digits-VOC; mask values must be below it or 255.
+        train_split / val_split: list files under ``ImageSets/Segmentation``.
+        augmented: train on the SBD-augmented set: ``ImageSets/Segmentation/train_aug.txt``
+            with masks from ``SegmentationClassAug/`` (validation stays on VOC's own masks).
+        class_names: names for per-class metrics; defaults by ``num_classes``.
+        make_digits_if_missing: when ``root`` does not exist, write the digits-VOC set
+            there first (:func:`make_digits_voc` defaults; for the quickstart configs).
+        batch_size, val_batch_size, num_workers, crop_size, scale_range, hflip, mean, std: loading.
+    """
+
+    def __init__(self, *, root: str, num_classes: int = 21, train_split: str = "train", val_split: str = "val",
+                 augmented: bool = False, class_names: list[str] | None = None,
+                 make_digits_if_missing: bool = False, batch_size: int = 8,
+                 val_batch_size: int | None = None, num_workers: int = 4, crop_size: int | tuple[int, int] = 480,
+                 scale_range: tuple[float, float] = (0.5, 2.0), hflip: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, mean=mean, std=std)
+        self.num_classes = num_classes
+        self.class_names = list(class_names) if class_names else default_class_names(num_classes)
+        if len(self.class_names) != num_classes:
+            raise ValueError(f"class_names has {len(self.class_names)} names for num_classes={num_classes}")
+        self.train_split = "train_aug" if augmented and train_split == "train" else train_split
+        self.train_mask_dir = "SegmentationClassAug" if augmented else "SegmentationClass"
+        self.val_split = val_split
+        self.make_digits_if_missing = make_digits_if_missing
+
+    def prepare_data(self) -> None:
+        if self.make_digits_if_missing and not self.root.exists():
+            from .digits_voc import make_digits_voc
+
+            make_digits_voc(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        common = {"num_classes": self.num_classes, "mean": self.mean, "std": self.std}
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = voc_dataset(self.root, self.train_split, mask_dir=self.train_mask_dir,
+                                         transform=self._train_transform(), **common)
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = voc_dataset(self.root, self.val_split, **common)
+
+
+class CityscapesDataModule(_SegmentationDataModule):
+    """Cityscapes fine annotations: ``<root>/leftImg8bit/{train,val}/<city>/*_leftImg8bit.png`` and
+    ``<root>/gtFine/{train,val}/<city>/*_gtFine_labelIds.png``; label ids map to the 19 train ids
+    (everything else 255, see :mod:`.labels`).
+    """
+
+    num_classes = 19
+
+    def __init__(self, *, root: str, train_split: str = "train", val_split: str = "val", batch_size: int = 8,
+                 val_batch_size: int | None = None, num_workers: int = 4, crop_size: int | tuple[int, int] = 713,
+                 scale_range: tuple[float, float] = (0.5, 2.0), hflip: bool = True,
+                 mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
+        super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, mean=mean, std=std)
+        self.class_names = list(CITYSCAPES_CLASSES)
+        self.train_split, self.val_split = train_split, val_split
+
+    def setup(self, stage: str | None = None) -> None:
+        common = {"mean": self.mean, "std": self.std}
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = cityscapes_dataset(self.root, self.train_split, transform=self._train_transform(),
+                                                **common)
+        if stage in (None, "fit", "validate") and self.val_set is None:
+            self.val_set = cityscapes_dataset(self.root, self.val_split, **common)

@@ -1,0 +1,210 @@
+"""``SegmentationModule``: FCN / PSPNet training and evaluation for LightningCLI.
+
+The network lives in ``self.model`` (the quantization callback swaps layers of
+``pl_module.model``); ``quant_skip_default`` names the layers it keeps full
+precision when ``QuantConfig.skip`` is None. Loss: pixel-wise cross-entropy with
+``ignore_index`` (mean over counted pixels, 0 for an all-ignored batch) plus
+``aux_weight`` times the auxiliary head's loss in training. Validation logs
+``val/mIoU``, ``val/pixel_acc`` and ``val/iou_<class>`` from a torchmetrics
+confusion matrix, and saves a PNG of a few predictions to the run directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+from torch import Tensor
+from torch.nn import functional as F
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite
+
+from .labels import IGNORE_INDEX, default_class_names
+from .metrics import iou_per_class, pixel_accuracy
+from .models import build_model, quant_skip
+from .models.backbone import load_state_file
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+from .visualize import save_prediction_grid
+
+
+def _metric_name(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+class SegmentationModule(pl.LightningModule):
+    """Semantic segmentation with FCN or PSPNet.
+
+    Args:
+        arch: ``fcn_resnet18``, ``fcn_resnet50``, ``fcn_resnet101``, ``pspnet_resnet18``, ``pspnet_resnet50``.
+        num_classes: output classes (21 VOC, 19 Cityscapes, 11 digits-VOC).
+        ignore_index: mask value excluded from loss and metrics.
+        aux_loss: build the auxiliary FCN head on ``layer3``.
+        aux_weight: weight of the auxiliary loss (training only).
+        optimizer, lr, weight_decay, momentum, warmup_steps, poly_power: see
+            :func:`tasks.common.build_optimization`; the LR follows the poly schedule
+            ``(1 - step/total) ** poly_power`` unless ``scheduler`` says otherwise.
+        pretrained: local file with weights for the whole network (a state dict or a
+            Lightning checkpoint; quantizer entries are ignored).
+        pretrained_backbone: local file with torchvision-named ResNet weights.
+        class_names: names for ``val/iou_<name>``; default: the datamodule's, else by ``num_classes``.
+        num_vis: validation samples drawn into the prediction PNG (0 = none).
+
+    Raises:
+        ValueError: unknown ``arch`` (lists the known names) or bad argument values.
+    """
+
+    def __init__(
+        self,
+        *,
+        arch: str = "fcn_resnet18",
+        num_classes: int = 21,
+        ignore_index: int = IGNORE_INDEX,
+        aux_loss: bool = True,
+        aux_weight: float = 0.4,
+        optimizer: OptimizerName = "sgd",
+        lr: float = 0.01,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        scheduler: SchedulerName = "poly",
+        warmup_steps: int = 0,
+        poly_power: float = 0.9,
+        pretrained: str | None = None,
+        pretrained_backbone: str | None = None,
+        class_names: list[str] | None = None,
+        num_vis: int = 4,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes} must be >= 2")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index={ignore_index} collides with a class id (num_classes={num_classes})")
+        if aux_weight < 0:
+            raise ValueError(f"aux_weight={aux_weight} must be >= 0")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+        self.save_hyperparameters()
+        self.model = build_model(arch, num_classes=num_classes, aux_loss=aux_loss,
+                                 pretrained_backbone=pretrained_backbone)
+        if pretrained is not None:
+            self._load_pretrained(pretrained)
+        self.quant_skip_default: list[str] = quant_skip(arch, aux_loss)
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = list(class_names) if class_names else default_class_names(num_classes)
+        self.val_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
+        self.test_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
+        self._vis: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _load_pretrained(self, path: str) -> None:
+        state = load_state_file(path)
+        if any(k.startswith("model.") for k in state):  # a Lightning checkpoint of this module
+            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        state = {k: v for k, v in state.items() if "_quantizer." not in k}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights {path!r} do not match {self.hparams.arch}: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+
+    # ----------------------------------------------------------------- setup
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm_classes = getattr(dm, "num_classes", None)
+        if dm_classes is not None and dm_classes != self.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.num_classes} but the datamodule has {dm_classes} classes; set both the same"
+            )
+        if self.hparams.class_names is None and getattr(dm, "class_names", None):
+            self.class_names = list(dm.class_names)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits ``[N, num_classes, H, W]`` at the input resolution."""
+        return self.model(x)["out"]
+
+    def criterion(self, logits: Tensor, target: Tensor) -> Tensor:
+        """Cross-entropy averaged over non-ignored pixels (0, not NaN, when all are ignored)."""
+        total = F.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction="sum")
+        return total / (target != self.ignore_index).sum().clamp_min(1)
+
+    # ----------------------------------------------------------------- steps
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, targets = batch
+        out = self.model(images)
+        losses = {"loss_main": self.criterion(out["out"], targets)}
+        if "aux" in out and self.hparams.aux_weight > 0:
+            losses["loss_aux"] = self.hparams.aux_weight * self.criterion(out["aux"], targets)
+        check_finite(losses, self.global_step)
+        loss = sum(losses.values())
+        bs = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=bs)
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, batch_size=bs)
+        return loss
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
+        images, targets = batch
+        logits = self(images)
+        loss = self.criterion(logits, targets)
+        preds = logits.argmax(dim=1)
+        (self.val_confmat if stage == "val" else self.test_confmat).update(preds, targets)
+        self.log(f"{stage}/loss", loss, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        if stage == "val" and batch_idx == 0 and self.hparams.num_vis > 0:
+            k = self.hparams.num_vis
+            self._vis = (images[:k].cpu(), targets[:k].cpu(), preds[:k].cpu())
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).argmax(dim=1)
+
+    # ----------------------------------------------------------------- epoch ends
+    def _log_metrics(self, confmat: MulticlassConfusionMatrix, stage: str) -> dict[str, float]:
+        cm = confmat.compute()  # summed over DDP ranks
+        confmat.reset()
+        iou = iou_per_class(cm)
+        metrics = {f"{stage}/mIoU": iou.nanmean(), f"{stage}/pixel_acc": pixel_accuracy(cm)}
+        for name, value in zip(self.class_names, iou):
+            if not torch.isnan(value):
+                metrics[f"{stage}/iou_{_metric_name(name)}"] = value
+        self.log_dict(metrics)
+        return {k: float(v) for k, v in metrics.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self._log_metrics(self.val_confmat, "val")
+        if self.trainer.sanity_checking:
+            self._vis = None
+            return
+        rank_zero_info(f"epoch {self.current_epoch}: val/mIoU={metrics['val/mIoU']:.4f} "
+                       f"val/pixel_acc={metrics['val/pixel_acc']:.4f}")
+        if self._vis is not None and self.trainer.is_global_zero:
+            self._save_predictions(*self._vis)
+        self._vis = None
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_confmat, "test")
+
+    def _save_predictions(self, images: Tensor, targets: Tensor, preds: Tensor) -> Path:
+        dm = getattr(self.trainer, "datamodule", None)
+        mean, std = getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD)
+        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
+        path = Path(run_dir) / "predictions" / f"val_epoch{self.current_epoch:03d}.png"
+        save_prediction_grid(images, targets, preds, path, mean=mean, std=std,
+                             title=f"{self.hparams.arch} epoch {self.current_epoch}")
+        from pytorch_lightning.loggers import WandbLogger
+
+        for logger in self.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="val/predictions", images=[str(path)], step=self.global_step)
+        return path
+
+    def configure_optimizers(self) -> dict:
+        hp = self.hparams
+        return build_optimization(self, optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
+                                  momentum=hp.momentum, scheduler=hp.scheduler, warmup_steps=hp.warmup_steps,
+                                  poly_power=hp.poly_power)

@@ -1,0 +1,112 @@
+"""ONNX export: QDQ/QCDQ graph structure, onnx.checker, ONNX Runtime vs the PyTorch fake-quant model.
+
+Tolerances: ONNX Runtime (graph optimizations off) runs the same formulas as the
+export-form PyTorch model, so they agree to 1e-5 of the output scale; against the
+fake-quant model the bound is 1e-4 of the output scale, far below one activation
+level, so a level flipped anywhere upstream would almost surely break it (measured:
+about 1e-7 of the output scale for every case here).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gdrq_lightning.export import export_model, run_onnxruntime, to_onnx
+from gdrq_lightning.export.fold import fold_groups_into_bn
+from gdrq_lightning.export.qdq import QDQAct, build_qdq_model
+from gdrq_lightning.export.report import layer_report
+from gdrq_lightning.quant import primitives as P
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+CASES = {
+    "gdrq_w4a4_g1": dict(method="gdrq", weight_bits=4, act_bits=4, groups=1),
+    "gdrq_w4a4_g4": dict(method="gdrq", weight_bits=4, act_bits=4, groups=4),
+    "hwgq_w1a2": dict(method="hwgq", weight_bits=1, act_bits=2),
+    "pact_w3a3": dict(method="pact", weight_bits=3, act_bits=3),
+    "lsq_w4a4": dict(method="lsq", weight_bits=4, act_bits=4, groups=2),
+    "dorefa_w8a4": dict(method="dorefa", weight_bits=8, act_bits=4),
+}
+
+
+def _check(model, x_export, x_run, path):
+    folded = fold_groups_into_bn(model)
+    to_onnx(folded, x_export, path)  # runs onnx.checker(full_check=True)
+    with torch.no_grad():
+        ref = model(x_run)
+        form = build_qdq_model(folded, x_export)(x_run)
+    out = run_onnxruntime(path, x_run)  # another batch size: the batch axis is dynamic
+    scale = float(ref.abs().max())
+    assert out.shape == ref.shape
+    assert float((out - form).abs().max()) <= 1e-5 * scale
+    assert float((out - ref).abs().max()) <= 1e-4 * scale
+    return onnx.load(str(path))
+
+
+@pytest.mark.parametrize("case", ["gdrq_w4a4_g1", "gdrq_w4a4_g4", "hwgq_w1a2", "pact_w3a3"])
+def test_resnet18_onnxruntime_matches(models, case, tmp_path):
+    model = models.resnet18(**CASES[case])
+    graph = _check(model, torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32), tmp_path / "r.onnx").graph
+    ops = [n.op_type for n in graph.node]
+    assert "BatchNormalization" not in ops  # quantized convs: into the DQ scale; the float stem: by the exporter
+    assert ops.count("QuantizeLinear") == ops.count("Clip") == 17  # one QCDQ per activation call (stem, 2 per block)
+    assert ops.count("DequantizeLinear") == 17 + 19  # + one constant weight DQ per quantized conv
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    x = torch.randn(2, 3, 32, 32)
+    folded = fold_groups_into_bn(model)
+    for row in layer_report(model, folded, build_qdq_model(folded, x), x):
+        if row["kind"] == "act":
+            assert row["level_flips"] == 0 and row["max_abs_diff_onnx_form"] <= 1e-5 * row["scale_max"], row
+        else:  # each exported conv/linear (+ folded BN) against the fake-quant layer (+ BN), same input
+            assert row["max_abs_diff_onnx_form"] <= 1e-5 * row["output_abs_max"], row
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_tiny_onnxruntime_matches(models, case, tmp_path):
+    cfg = CASES[case]
+    model = models.tiny(**cfg)
+    graph = _check(model, torch.randn(2, 3, 16, 16), torch.randn(5, 3, 16, 16), tmp_path / "t.onnx").graph
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    inits |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    codes = inits["features.3.codes"]
+    if cfg["weight_bits"] < 8:
+        n = 1 if cfg["weight_bits"] == 1 else 2 ** (cfg["weight_bits"] - 1) - 1
+        n = 2 ** cfg["weight_bits"] - 1 if cfg["method"] in ("pact", "dorefa") else n
+        assert str(codes.dtype) == "int8" and abs(codes).max() <= n  # the bit width is visible in the weights
+    clips = [n for n in graph.node if n.op_type == "Clip"]  # QCDQ: the activation bit width is the Clip's max
+    assert len(clips) == 3 and {int(inits[n.input[2]]) for n in clips} == {2 ** cfg["act_bits"] - 1}
+
+
+def test_hwgq_small_positives_map_to_first_level(tmp_path):
+    """HWGQ's (0, D/2) -> D rule survives export: Where(x > 0, DQ(Clip(Q(x), 1, n)), 0)."""
+    step = P.hwgq_optimal_step(2)
+    act = QDQAct(torch.tensor(step), 1, 3, True, {})
+    x = torch.tensor([[-1.0, 0.0, 1e-6, 0.2 * step, 0.49 * step, 0.51 * step, 1.5 * step, 2.5 * step, 10.0]])
+    to_onnx(torch.nn.Sequential(act), x, tmp_path / "h.onnx")
+    expected = P.hwgq_forward(x, step, 2)
+    assert expected[0, 2] == step  # the reference rule itself
+    torch.testing.assert_close(run_onnxruntime(tmp_path / "h.onnx", x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(act(x), expected, rtol=0, atol=0)
+
+
+def test_export_model_writes_files_and_report(models, tmp_path, capsys):
+    model = models.tiny(bias=True, method="gdrq", weight_bits=4, act_bits=4, groups=4, act_groups=2)
+    report = export_model(model, torch.randn(2, 3, 16, 16), tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "model_report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    assert {p.name for p in (tmp_path / "out").iterdir()} == {"model_int.pt", "model.onnx", "model_report.json"}
+    assert report["pairing"]["source"] == "fx" and len(report["pairing"]["pairs"]) == 3
+    scale = report["outputs"]["output_abs_max"]
+    assert report["outputs"]["onnxruntime_vs_fakequant"] <= 1e-4 * scale
+    convs = [r for r in report["layers"] if r["kind"] == "conv"]
+    acts = [r for r in report["layers"] if r["kind"] == "act"]
+    assert len(convs) == 3 and len(acts) == 3 and all(r["groups"] == 4 and r["bits"] == 4 for r in convs)
+    assert all(0 < r["step_min"] <= r["step_max"] for r in convs)
+    for r in convs:  # teacher-forced: each exported conv + folded BN against fake-quant conv + BN
+        assert r["max_abs_diff_onnx_form"] <= 1e-5 * r["output_abs_max"], r
+    assert all(r["level_flips"] == 0 and r["qmax"] == 15 for r in acts)
+    with capsys.disabled():
+        print(f"\ntiny W4A4: compression {report['sizes']['compression']:.2f}x, outputs {report['outputs']}")
