@@ -115,6 +115,7 @@ def export_model(
     opset: int = 17,
     onnx: bool = True,
     stem: str = "model",
+    check_input: Tensor | None = None,
 ) -> dict[str, Any]:
     """The whole ``gdrq export`` job: integer file, ONNX file and a JSON report in ``out_dir``.
 
@@ -123,11 +124,13 @@ def export_model(
 
     Args:
         model: the quantized model (``quantize_model`` result with trained weights).
-        example_input: one input batch, used for tracing and for the checks.
+        example_input: one input batch, used for tracing (its values do not matter).
         out_dir: created if missing; gets ``{stem}_int.pt``, ``{stem}.onnx``, ``{stem}_report.json``.
         opset: ONNX opset (>= 13).
         onnx: also write and check the ONNX file (needs ``onnx`` and ``onnxruntime``).
         stem: file name stem.
+        check_input: the batch every comparison runs on; default: a seeded ``N(0, 1)`` batch
+            shaped like ``example_input`` with one more sample (exercises the dynamic batch axis).
 
     Returns:
         The report dict that was written as JSON.
@@ -136,10 +139,14 @@ def export_model(
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    x = _cpu_batch(example_input)
+    example = _cpu_batch(example_input)
+    if check_input is None:
+        gen = torch.Generator().manual_seed(0)
+        check_input = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=gen)
+    x = _cpu_batch(check_input)
     reference = copy.deepcopy(model).cpu().float().eval()
     folded, pairing = fold_with_pairing(reference)
-    qdq = build_qdq_model(folded, x)
+    qdq = build_qdq_model(folded, example)
     files = {"integer": str(out / f"{stem}_int.pt")}
     sizes = save_integer(folded, files["integer"]) | {"fp32_bytes": fp32_bytes(reference)}
     sizes["compression"] = sizes["fp32_bytes"] / max(sizes["payload_bytes"], 1)
@@ -151,13 +158,14 @@ def export_model(
         "onnx_form_vs_fakequant": float((qdq_out - ref_out).abs().max()),
     }
     report: dict[str, Any] = {
-        "format": "gdrq-export-report", "version": 1, "input_shape": list(x.shape),
+        "format": "gdrq-export-report", "version": 1, "input_shape": list(example.shape),
+        "check_input_shape": list(x.shape),
         "pairing": {"source": pairing.source, "note": pairing.note, "pairs": pairing.pairs},
         "sizes": sizes, "outputs": outputs, "files": files,
         "layers": layer_report(reference, folded, qdq, x),
     }
     if onnx:
-        files["onnx"] = str(export_qdq(qdq, x, out / f"{stem}.onnx", opset=opset))
+        files["onnx"] = str(export_qdq(qdq, example, out / f"{stem}.onnx", opset=opset))
         ort_out = run_onnxruntime(files["onnx"], x)
         outputs["onnxruntime_vs_fakequant"] = float((ort_out - ref_out).abs().max())
         outputs["onnxruntime_vs_onnx_form"] = float((ort_out - qdq_out).abs().max())

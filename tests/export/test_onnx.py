@@ -35,29 +35,29 @@ CASES = {
 def _check(model, x_export, x_run, path):
     folded = fold_groups_into_bn(model)
     to_onnx(folded, x_export, path)  # runs onnx.checker(full_check=True)
+    qdq = build_qdq_model(folded, x_export)
     with torch.no_grad():
-        ref = model(x_run)
-        form = build_qdq_model(folded, x_export)(x_run)
+        ref, form = model(x_run), qdq(x_run)
     out = run_onnxruntime(path, x_run)  # another batch size: the batch axis is dynamic
     scale = float(ref.abs().max())
     assert out.shape == ref.shape
     assert float((out - form).abs().max()) <= 1e-5 * scale
     assert float((out - ref).abs().max()) <= 1e-4 * scale
-    return onnx.load(str(path))
+    return onnx.load(str(path)), folded, qdq
 
 
 @pytest.mark.parametrize("case", ["gdrq_w4a4_g1", "gdrq_w4a4_g4", "hwgq_w1a2", "pact_w3a3"])
 def test_resnet18_onnxruntime_matches(models, case, tmp_path):
     model = models.resnet18(**CASES[case])
-    graph = _check(model, torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32), tmp_path / "r.onnx").graph
+    x = torch.randn(2, 3, 32, 32)
+    proto, folded, qdq = _check(model, x, torch.randn(3, 3, 32, 32), tmp_path / "r.onnx")
+    graph = proto.graph
     ops = [n.op_type for n in graph.node]
     assert "BatchNormalization" not in ops  # quantized convs: into the DQ scale; the float stem: by the exporter
     assert ops.count("QuantizeLinear") == ops.count("Clip") == 17  # one QCDQ per activation call (stem, 2 per block)
     assert ops.count("DequantizeLinear") == 17 + 19  # + one constant weight DQ per quantized conv
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    x = torch.randn(2, 3, 32, 32)
-    folded = fold_groups_into_bn(model)
-    for row in layer_report(model, folded, build_qdq_model(folded, x), x):
+    for row in layer_report(model, folded, qdq, x):
         if row["kind"] == "act":
             assert row["level_flips"] == 0 and row["max_abs_diff_onnx_form"] <= 1e-5 * row["scale_max"], row
         else:  # each exported conv/linear (+ folded BN) against the fake-quant layer (+ BN), same input
@@ -68,7 +68,7 @@ def test_resnet18_onnxruntime_matches(models, case, tmp_path):
 def test_tiny_onnxruntime_matches(models, case, tmp_path):
     cfg = CASES[case]
     model = models.tiny(**cfg)
-    graph = _check(model, torch.randn(2, 3, 16, 16), torch.randn(5, 3, 16, 16), tmp_path / "t.onnx").graph
+    graph = _check(model, torch.randn(2, 3, 16, 16), torch.randn(5, 3, 16, 16), tmp_path / "t.onnx")[0].graph
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
     inits |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
     codes = inits["features.3.codes"]
@@ -94,11 +94,12 @@ def test_hwgq_small_positives_map_to_first_level(tmp_path):
 
 def test_export_model_writes_files_and_report(models, tmp_path, capsys):
     model = models.tiny(bias=True, method="gdrq", weight_bits=4, act_bits=4, groups=4, act_groups=2)
-    report = export_model(model, torch.randn(2, 3, 16, 16), tmp_path / "out")
+    report = export_model(model, torch.zeros(1, 3, 16, 16), tmp_path / "out")  # as `gdrq export` calls it
     saved = json.loads((tmp_path / "out" / "model_report.json").read_text())
     assert saved == json.loads(json.dumps(report))
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"model_int.pt", "model.onnx", "model_report.json"}
     assert report["pairing"]["source"] == "fx" and len(report["pairing"]["pairs"]) == 3
+    assert report["check_input_shape"] == [2, 3, 16, 16]  # checks ran on a random batch of another size
     scale = report["outputs"]["output_abs_max"]
     assert report["outputs"]["onnxruntime_vs_fakequant"] <= 1e-4 * scale
     convs = [r for r in report["layers"] if r["kind"] == "conv"]
