@@ -48,7 +48,7 @@ class _IntegerLayer(nn.Module):
             codes = torch.where(codes >= 0, 1, -1).to(codes.dtype)
         self.register_buffer("codes", codes.to(code_dtype(codes)))
         self.register_buffer("step", step.detach().float().clone())
-        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        bias = None if layer.bias is None else layer.bias.detach().clone()
         self.register_buffer("bias", bias)
         self.layer_name = name
         self.method = wq.method

@@ -37,7 +37,7 @@ class DequantWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, codes: Tensor, scale: Tensor, unsigned: bool) -> Tensor:  # type: ignore[override]
-        return codes.float() * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
+        return codes.to(scale.dtype) * scale.reshape((-1,) + (1,) * (codes.dim() - 1))
 
     @staticmethod
     def symbolic(g, codes, scale, unsigned: bool):  # type: ignore[no-untyped-def]
@@ -150,8 +150,10 @@ def act_qcdq(q: ActQuantizer, channels: int | None) -> QDQAct:
 
 
 @torch.no_grad()
-def _qdq_weight(layer: nn.Module, bn: nn.Module | None) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Codes, positive scale, offset, bias of ``layer`` (+ folded ``bn``), computed in float64."""
+def _qdq_weight(
+    layer: nn.Module, bn: nn.Module | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """Codes, positive scale, offset, bias of ``layer`` (+ folded ``bn``), computed in float64, cast to ``dtype``."""
     z = layer.codes.to(torch.int32)
     bias = None if layer.bias is None else layer.bias.double()
     if bn is None:
@@ -164,10 +166,10 @@ def _qdq_weight(layer: nn.Module, bn: nn.Module | None) -> tuple[Tensor, Tensor,
     z = z * sign.reshape((-1,) + (1,) * (z.dim() - 1))
     factor = factor.abs()
     if -128 <= int(z.min()) and int(z.max()) <= 127:
-        return z.to(torch.int8), factor.float(), None, None if bias is None else bias.float()
+        return z.to(torch.int8), factor.to(dtype), None, None if bias is None else bias.to(dtype)
     n = 2**layer.bits - 1  # odd 8-bit codes 2k - 255 -> uint8 k, w = k * 2f - 255 f
-    offset = (n * factor).float().reshape((-1,) + (1,) * (z.dim() - 1))
-    return ((z + n) // 2).to(torch.uint8), (2 * factor).float(), offset, None if bias is None else bias.float()
+    offset = (n * factor).to(dtype).reshape((-1,) + (1,) * (z.dim() - 1))
+    return ((z + n) // 2).to(torch.uint8), (2 * factor).to(dtype), offset, None if bias is None else bias.to(dtype)
 
 
 def act_channels(model: nn.Module, example_input: Tensor) -> dict[str, int]:
@@ -191,17 +193,22 @@ def act_channels(model: nn.Module, example_input: Tensor) -> dict[str, int]:
     return seen
 
 
-def build_qdq_model(folded: nn.Module, example_input: Tensor) -> nn.Module:
-    """A copy of a folded model in export form: QDQ weights (BN folded in) and QCDQ activations."""
+def build_qdq_model(folded: nn.Module, example_input: Tensor, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A copy of a folded model in export form: QDQ weights (BN folded in) and QCDQ activations.
+
+    ``dtype`` is the precision of the folded scales and biases: float32 for ONNX;
+    float64 lets a test compare the whole graph with the fake-quant model free of float
+    rounding (and so of activation levels flipping at rounding ties).
+    """
     channels = act_channels(folded, example_input)
     qdq = copy.deepcopy(folded).eval()
     for name, layer in list(qdq.named_modules()):
         if isinstance(layer, INTEGER_LAYER_TYPES):
             bn = qdq.get_submodule(layer.folded_into) if layer.folded_into else None
             cls = QDQConv2d if isinstance(layer, IntegerConv2d) else QDQLinear
-            set_module(qdq, name, cls(layer, *_qdq_weight(layer, bn)))
+            set_module(qdq, name, cls(layer, *_qdq_weight(layer, bn, dtype)))
             if layer.folded_into:
                 set_module(qdq, layer.folded_into, nn.Identity())
         elif isinstance(layer, (QuantReLU, QuantReLU6)) and layer.act_quantizer.is_on("quant_on"):
             set_module(qdq, name, act_qcdq(layer.act_quantizer, channels.get(name)))
-    return qdq
+    return qdq.to(dtype)

@@ -37,7 +37,7 @@ class TinyNet(nn.Module):
 
 
 def calibrate(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Module:
-    """Random BN affine params, a few train-mode passes (BN + activation statistics), then eval.
+    """Random BN affine params, one train-mode pass (BN + activation statistics), then eval.
 
     Negative gammas are included on purpose: ONNX folding must flip codes, not scales.
     """
@@ -47,9 +47,7 @@ def calibrate(model: nn.Module, shape: tuple[int, ...], seed: int = 0) -> nn.Mod
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.copy_(torch.empty_like(m.weight).uniform_(-1.5, 1.5, generator=gen))
                 m.bias.copy_(torch.empty_like(m.bias).uniform_(-0.3, 0.3, generator=gen))
-        model.train()
-        for _ in range(2):
-            model(torch.randn(shape, generator=gen))
+        model.train()(torch.randn(shape, generator=gen))
     return model.eval()
 
 

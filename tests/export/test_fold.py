@@ -1,6 +1,8 @@
 """Folding group steps into BatchNorm (SPEC §3): exact formula, eval equality, pairing rules."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +17,26 @@ from gdrq_lightning.export.report import layer_report
 def _outputs(reference: nn.Module, folded: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         return reference(x), folded(x)
+
+
+def _end_to_end_f64(reference: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake-quant and folded outputs in float64.
+
+    In float32 the two differ by rounding noise, which flips an activation lying on a
+    rounding tie to the next level for ~1% of resnet18 images (see test_onnx.py); in
+    float64 that cannot happen, so equality of the whole graph is tested exactly.
+    """
+    ref64 = copy.deepcopy(reference).double()
+    return _outputs(ref64, fold_groups_into_bn(ref64), x.double())
+
+
+def _assert_layers_match_f32(reference: nn.Module, folded: nn.Module, x: torch.Tensor, count: int) -> list[dict]:
+    """Float32, teacher-forced: each integer layer (+ folded BN) vs fake-quant layer (+ BN) on the same input."""
+    rows = [r for r in layer_report(reference, folded, build_qdq_model(folded, x), x) if r["kind"] != "act"]
+    assert len(rows) == count
+    for r in rows:
+        assert r["max_abs_diff_folded"] <= 1e-5 * r["output_abs_max"], r
+    return rows
 
 
 def test_fold_formula_matches_spec(models):
@@ -45,27 +67,24 @@ def test_tiny_folded_equals_fakequant(models, groups):
     fc = folded.fc
     assert isinstance(fc, IntegerLinear) and fc.folded_into is None  # no BN after it: step stays an output scale
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    y_ref, y = _outputs(ref, folded, x)
-    assert (y - y_ref).abs().max() <= 1e-4 * y_ref.abs().max()
+    y_ref, y = _end_to_end_f64(ref, x)
+    assert (y - y_ref).abs().max() <= 1e-6 * y_ref.abs().max()
+    _assert_layers_match_f32(ref, folded, x, count=4)
 
 
 @pytest.mark.parametrize("groups", ["1", "4", "C_out"])
 def test_resnet18_folded_equals_fakequant(models, groups):
-    """End to end with activation quantization on, and per layer (teacher-forced) to float rounding."""
+    """End to end (float64) with activation quantization on, and per layer in float32 to float rounding."""
     cfg = {"overrides": models.PER_CHANNEL} if groups == "C_out" else {"groups": int(groups)}
     ref = models.resnet18(method="gdrq", weight_bits=4, act_bits=4, **cfg)
     folded, pairing = fold_with_pairing(ref)
     assert pairing.source == "fx" and len(pairing.pairs) == 19  # 16 block convs + 3 downsample convs
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    y_ref, y = _outputs(ref, folded, x)
-    print(f"G={groups}: max|diff| {float((y - y_ref).abs().max()):.3g} at output scale {float(y_ref.abs().max()):.3g}")
-    assert (y - y_ref).abs().max() <= 1e-4 * y_ref.abs().max()
-    rows = [r for r in layer_report(ref, folded, build_qdq_model(folded, x), x) if r["kind"] == "conv"]
-    assert len(rows) == 19
+    y_ref, y = _end_to_end_f64(ref, x)
+    assert (y - y_ref).abs().max() <= 1e-6 * y_ref.abs().max()
+    rows = _assert_layers_match_f32(ref, folded, x, count=19)
     if groups == "C_out":
         assert {r["groups"] for r in rows} == {64, 128, 256, 512}
-    for r in rows:
-        assert r["max_abs_diff_folded"] <= 1e-5 * r["output_abs_max"], r
 
 
 def test_unfoldable_pairing_names_the_layer():
