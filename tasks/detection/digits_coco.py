@@ -97,7 +97,7 @@ def make_digits_coco(
     *,
     num_train: int = 600,
     num_val: int = 200,
-    canvas: int = 128,
+    canvas: int = 96,
     max_objects: int = 4,
     seed: int = 0,
 ) -> Path:

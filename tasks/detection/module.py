@@ -16,7 +16,6 @@ import warnings
 from typing import Any, Literal
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 
 from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tasks.detection import DetectionModule, make_digits_coco
@@ -17,10 +18,26 @@ TINY_MODEL = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU
+    oversubscribed OpenMP threads make these tests several times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 train + 4 val canvases of 64 px (digits-COCO, category ids 1, 3, ..., 19)."""
     return make_digits_coco(tmp_path_factory.mktemp("digits_coco"), num_train=8, num_val=4, canvas=64, seed=0)
+
+
+@pytest.fixture
+def tiny_kwargs() -> dict:
+    """DetectionModule arguments of a tiny ResNet-18-FPN for 64 px images."""
+    return dict(TINY_MODEL)
 
 
 @pytest.fixture

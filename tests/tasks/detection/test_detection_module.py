@@ -10,8 +10,6 @@ import gdrq_lightning as G
 from tasks.detection import COCODataModule, DetectionModule
 from tasks.detection.evaluator import METRICS
 
-from conftest import TINY_MODEL  # noqa: E402  (pytest puts this folder on sys.path)
-
 
 def _quantize(module: DetectionModule, skip=None, groups: int = 4) -> None:
     cfg = G.QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=groups,
@@ -24,29 +22,29 @@ def test_unknown_arch_lists_known_names() -> None:
         DetectionModule(arch="yolo")
 
 
-def test_backbone_uses_trainable_batchnorm_and_skip_defaults(tiny_module) -> None:
+def test_backbone_uses_trainable_batchnorm_and_skip_defaults(tiny_module, tiny_kwargs) -> None:
     model = tiny_module.model
     norms = [m for m in model.backbone.body.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
     assert not any("FrozenBatchNorm" in type(m).__name__ for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
     assert tiny_module.quant_skip_default == ["rpn", "roi_heads", "backbone.body.conv1"]
-    frozen = DetectionModule(**{**TINY_MODEL, "norm": "frozen", "trainable_layers": 3})
+    frozen = DetectionModule(**{**tiny_kwargs, "norm": "frozen", "trainable_layers": 3})
     assert any(type(m).__name__ == "FrozenBatchNorm2d" for m in frozen.model.backbone.body.modules())
     assert not frozen.model.backbone.body.layer1[0].conv1.weight.requires_grad
     assert frozen.model.backbone.body.layer2[0].conv1.weight.requires_grad
 
 
-def test_mobilenet_skip_default_names_its_stem() -> None:
+def test_mobilenet_skip_default_names_its_stem(tiny_kwargs) -> None:
     m = DetectionModule(arch="fasterrcnn_mobilenet_v3_large_fpn", num_classes=3, min_size=64, max_size=64,
                         anchor_sizes=[16, 32, 64], fpn_channels=32, representation_size=32)
     assert m.quant_skip_default[-1] == "backbone.body.0.0"
     assert isinstance(m.model.get_submodule("backbone.body.0.0"), nn.Conv2d)
     with pytest.raises(ValueError, match="5 feature levels"):
-        DetectionModule(**{**TINY_MODEL, "anchor_sizes": [8, 16]})
+        DetectionModule(**{**tiny_kwargs, "anchor_sizes": [8, 16]})
 
 
-def test_quantized_layers_in_backbone_and_fpn_only(tiny_module) -> None:
+def test_quantized_layers_in_backbone_and_fpn_only(tiny_module, tiny_kwargs) -> None:
     _quantize(tiny_module)
     names = [n for n, _ in G.quantized_layers(tiny_module.model)]
     assert any(n.startswith("backbone.body.layer") for n in names)
@@ -54,20 +52,20 @@ def test_quantized_layers_in_backbone_and_fpn_only(tiny_module) -> None:
     assert not any(n.startswith(("rpn", "roi_heads")) for n in names)
     assert "backbone.body.conv1" not in names and type(tiny_module.model.backbone.body.conv1) is nn.Conv2d
     # an explicit skip quantizes the heads as well
-    other = DetectionModule(**TINY_MODEL)
+    other = DetectionModule(**tiny_kwargs)
     _quantize(other, skip=["backbone.body.conv1"], groups=1)  # rpn.head.cls_logits has 3 outputs
     assert any(n.startswith("rpn.") for n, _ in G.quantized_layers(other.model))
     assert any(n.startswith("roi_heads.") for n, _ in G.quantized_layers(other.model))
 
 
-def test_quantization_changes_the_output_and_switches_off(tiny_module) -> None:
+def test_quantization_changes_the_output_and_switches_off(tiny_module, tiny_kwargs) -> None:
     torch.manual_seed(0)
     _quantize(tiny_module)
     model = tiny_module.model
     x = [torch.rand(3, 64, 64)]
     model.train()
     model.backbone(torch.stack(x))  # initialises the activation statistics (and moves BN statistics)
-    float_model = DetectionModule(**TINY_MODEL).model
+    float_model = DetectionModule(**tiny_kwargs).model
     result = float_model.load_state_dict(model.state_dict(), strict=False)
     assert not result.missing_keys and all("quantizer" in k for k in result.unexpected_keys)
     model.eval()
@@ -108,9 +106,9 @@ def test_fit_and_validate_logs_coco_metrics(tiny_coco, tiny_module, tmp_path) ->
     assert "val/mAP" in csv and "val/AP50" in csv
 
 
-def test_num_classes_checked_against_data(tiny_coco) -> None:
+def test_num_classes_checked_against_data(tiny_coco, tiny_kwargs) -> None:
     dm = COCODataModule(root=str(tiny_coco), batch_size=4)
-    module = DetectionModule(**{**TINY_MODEL, "num_classes": 5})
+    module = DetectionModule(**{**tiny_kwargs, "num_classes": 5})
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(ValueError, match="num_classes=5.*10 categories"):
@@ -127,19 +125,19 @@ def test_non_finite_loss_stops_training(tiny_module) -> None:
         tiny_module.training_step(((torch.zeros(3, 8, 8),), ({},)), 0)
 
 
-def test_pretrained_weights_load_from_local_files(tiny_module, tmp_path) -> None:
+def test_pretrained_weights_load_from_local_files(tiny_module, tmp_path, tiny_kwargs) -> None:
     path = tmp_path / "det.pt"
     torch.save(tiny_module.model.state_dict(), path)
-    loaded = DetectionModule(**TINY_MODEL, pretrained=str(path))
+    loaded = DetectionModule(**tiny_kwargs, pretrained=str(path))
     for (k, a), (_, b) in zip(tiny_module.model.state_dict().items(), loaded.model.state_dict().items()):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=k)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        DetectionModule(**TINY_MODEL, pretrained=str(tmp_path / "missing.pt"))
+        DetectionModule(**tiny_kwargs, pretrained=str(tmp_path / "missing.pt"))
     with pytest.raises(ValueError, match="does not match"):
-        DetectionModule(**{**TINY_MODEL, "num_classes": 4}, pretrained=str(path))
+        DetectionModule(**{**tiny_kwargs, "num_classes": 4}, pretrained=str(path))
     import torchvision
     backbone = tmp_path / "r18.pt"
     torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    with_bb = DetectionModule(**TINY_MODEL, pretrained_backbone=str(backbone))
+    with_bb = DetectionModule(**tiny_kwargs, pretrained_backbone=str(backbone))
     ref = torch.load(backbone, weights_only=True)
     torch.testing.assert_close(with_bb.model.backbone.body.layer3[1].conv2.weight, ref["layer3.1.conv2.weight"])
