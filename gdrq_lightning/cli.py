@@ -69,16 +69,23 @@ def run_export(args: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by a gdrq run (e.g. runs/.../last.ckpt)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"), help="example input shape (default: 3 32 32)")
+    parser.add_argument("--data-config", help="a classification config; compares PyTorch and ONNX Runtime top-1 on its val split")
     ns = parser.parse_args(args)
     import json
 
     import torch
 
+    from .callback import quant_target
     from .checkpoint import load_quantized_module
     from .export import export_model
+    from .export.accuracy import compare_top1, datamodule_from_config
 
-    module = load_quantized_module(ns.ckpt)
-    report = export_model(module.model if hasattr(module, "model") else module, torch.zeros(1, *ns.input_shape), ns.out)
+    model = quant_target(load_quantized_module(ns.ckpt))
+    report = export_model(model, torch.zeros(1, *ns.input_shape), ns.out)
+    if ns.data_config:
+        report["val_top1"] = compare_top1(model, report["files"]["onnx"], datamodule_from_config(ns.data_config))
+        with open(report["files"]["report"], "w") as f:
+            json.dump(report, f, indent=2)
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
 
 
@@ -91,6 +98,22 @@ def run_data(args: list[str]) -> None:
     module_name, func_name = DATA_COMMANDS[ns.command]
     make: Callable = getattr(importlib.import_module(module_name), func_name)
     print(make(ns.out_dir, seed=ns.seed))
+
+
+def _raised_in(e: BaseException, package: str) -> bool:
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and str(tb.tb_frame.f_globals.get("__name__", "")).startswith(package)
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The error to report: jsonargparse wraps one raised while it builds a class from the
+    config (e.g. ``QuantConfig.weight_bits=9 is out of range``) in pages of nested Union
+    attempts, so follow its ``raise ... from`` chain back to the original error."""
+    while isinstance(e.__cause__, USER_ERRORS) and _raised_in(e, "jsonargparse"):
+        e = e.__cause__
+    return e
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     except USER_ERRORS as e:
         if debug:
             raise
+        e = root_cause(e)
         print(f"gdrq: error: {type(e).__name__}: {e}\n(set GDRQ_DEBUG=1 or pass --debug for the traceback)", file=sys.stderr)
         sys.exit(2)
 
