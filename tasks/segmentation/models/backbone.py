@@ -53,6 +53,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | Path) -> None:
     """
     state = {k: v for k, v in load_state_file(path).items() if not k.startswith(("fc.", "num_batches_tracked"))}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]  # the classifier is not part of the backbone
     if missing or unexpected:
         raise ValueError(
             f"backbone weights {str(path)!r} do not match: missing {missing[:5]}, unexpected {unexpected[:5]}"

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+import torchvision
 
 from gdrq_lightning import QuantConfig, quantize_model, quantized_layers
 from tasks.segmentation import CityscapesDataModule, SegmentationModule, VOCSegmentationDataModule
@@ -91,11 +92,14 @@ def test_argument_errors(tiny_voc: Path, tmp_path: Path) -> None:
 def test_pretrained_weights_load_from_local_file(tmp_path: Path) -> None:
     src = SegmentationModule(arch="pspnet_resnet18", num_classes=3)
     torch.save(src.model.state_dict(), tmp_path / "model.pt")
-    torch.save({k: v for k, v in src.model.backbone.state_dict().items()}, tmp_path / "backbone.pt")
+    imagenet = torchvision.models.resnet18(weights=None)  # torchvision key names, fc included
+    torch.save(imagenet.state_dict(), tmp_path / "backbone.pt")
     dst = SegmentationModule(arch="pspnet_resnet18", num_classes=3, pretrained=str(tmp_path / "model.pt"))
     torch.testing.assert_close(dst.model.classifier.cls.weight, src.model.classifier.cls.weight)
     bb = SegmentationModule(arch="pspnet_resnet18", num_classes=3, pretrained_backbone=str(tmp_path / "backbone.pt"))
-    torch.testing.assert_close(bb.model.backbone.layer4[1].conv2.weight, src.model.backbone.layer4[1].conv2.weight)
+    torch.testing.assert_close(bb.model.backbone.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
+    fcn = SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained_backbone=str(tmp_path / "backbone.pt"))
+    torch.testing.assert_close(fcn.model.backbone.conv1.weight, imagenet.conv1.weight)
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained=str(tmp_path / "nope.pt"))
     with pytest.raises(ValueError, match="do not match"):
