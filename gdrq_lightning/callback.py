@@ -105,15 +105,15 @@ class GDRQCallback(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._module_class = f"{type(pl_module).__module__}.{type(pl_module).__qualname__}"
         target = quant_target(pl_module)
-        if quantized_layers(target):  # already swapped (second stage, or a pre-quantized module)
-            self._target = target
-            return
-        quantize_model(target, resolve_config(self.config, pl_module))
+        if not quantized_layers(target):  # else already swapped (an earlier stage, or a pre-quantized module)
+            quantize_model(target, resolve_config(self.config, pl_module))
+            n = len(quantized_layers(target))
+            rank_zero_info(f"[gdrq] quantized {n} layers ({self.config.method.value} W{self.config.weight_bits}A{self.config.act_bits})")
         self._target = target
-        n = len(quantized_layers(target))
-        rank_zero_info(f"[gdrq] quantized {n} layers ({self.config.method.value} W{self.config.weight_bits}A{self.config.act_bits})")
         if stage == "fit":
-            # Start in fp; a resumed run gets its switch buffers back from the checkpoint.
+            # Start in fp, also after a `validate` (everything on) or on a pre-quantized module:
+            # `on_fit_start` turns the phases in `done` back on, and a resumed run gets its
+            # switch buffers back from the checkpoint.
             set_quant_state(target, scale_clip=False, quant_weights=False, quant_acts=False, groups=False)
 
     # -- schedule ---------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""The ``gdrq`` command: help, config errors, the default W&B-offline logger, ``gdrq data``,
+and one real ``gdrq fit`` on digits through the console script.
+
+Parser behaviour is tested in process (``main(args)``): a subprocess costs seconds of
+imports each. The end-to-end run goes through the installed console script."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+import yaml
+
+from gdrq_lightning.checkpoint import load_quantized_module
+from gdrq_lightning.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+DIGITS_GDRQ = str(REPO / "configs" / "classification" / "digits_gdrq_w4a4.yaml")
+TINY_RUN = [
+    "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+    "--data.image_size", "16", "--data.batch_size", "8", "--trainer.logger", "false",
+    "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+]
+
+
+def gdrq(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run the installed console script (or the module, where the script is not on PATH)."""
+    exe = shutil.which("gdrq")
+    cmd = [exe] if exe else [sys.executable, "-m", "gdrq_lightning.cli"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "GDRQ_"))}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(cwd), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def run_main(args: list[str]) -> int:
+    """``gdrq ARGS`` in this process, as the console script calls it; returns the exit code."""
+    with mock.patch.object(sys, "argv", ["gdrq", *args]), pytest.raises(SystemExit) as info:
+        main()
+    return info.value.code
+
+
+def write_yaml(path: Path, data: dict) -> str:
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+# -- in process: parser behaviour ------------------------------------------------------------
+def test_fit_help_mentions_config(capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--config CONFIG" in out and "--trainer.max_epochs" in out and "--checkpoint.save_last" in out
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"trainer": {"bogus": 1}}, "trainer.bogus"),
+        ({"model": {"init_args": {"nonexistent_key": 1}}}, "nonexistent_key"),
+    ],
+)
+def test_unknown_config_key_fails_naming_the_key(tmp_path: Path, monkeypatch, capsys, extra: dict, named: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["fit", "--config", DIGITS_GDRQ, "--config", write_yaml(tmp_path / "extra.yaml", extra)]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("mode", "offline"), [(None, True), ("offline", True), ("online", False)])
+def test_default_logger_is_wandb_under_runs(tmp_path: Path, monkeypatch, capsys, mode: str | None, offline: bool) -> None:
+    monkeypatch.chdir(tmp_path)
+    if mode is None:
+        monkeypatch.delenv("WANDB_MODE", raising=False)
+    else:
+        monkeypatch.setenv("WANDB_MODE", mode)
+    assert run_main(["fit", "--config", DIGITS_GDRQ, "--print_config"]) == 0
+    config = yaml.safe_load(capsys.readouterr().out)
+    logger = config["trainer"]["logger"]
+    logger = logger[0] if isinstance(logger, list) else logger
+    assert logger["class_path"].endswith("loggers.WandbLogger")
+    assert logger["init_args"]["save_dir"] == "runs" and logger["init_args"]["offline"] is offline
+    assert config["trainer"]["default_root_dir"] == "runs" and config["checkpoint"]["save_last"] is True
+    callback = config["trainer"]["callbacks"][0]["init_args"]
+    assert callback["config"]["groups"] == 4 and callback["schedule"]["scale_clip"] == 2
+
+
+def test_data_help(capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "make-digits-coco" in out and "make-digits-voc" in out and "out_dir" in out
+
+
+# -- the console script ------------------------------------------------------------------------
+def test_gdrq_fit_digits_end_to_end(tmp_path: Path) -> None:
+    proc = gdrq(["fit", "--config", DIGITS_GDRQ, *TINY_RUN], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[gdrq] quantized 28 layers (gdrq W4A4)" in proc.stderr
+    assert "[gdrq] val/acc1 at the end of each phase -> fp: " in proc.stderr
+    last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (tmp_path / "runs" / "config.yaml").is_file()
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    state = ckpt["callbacks"]["GDRQCallback"]
+    assert state["done"] == [] and state["config"]["groups"] == 4  # schedule begins at epoch 2
+    assert state["module"] == "tasks.classification.module.ClassificationModule"
+    module = load_quantized_module(str(last))
+    conv = module.model.layer1[0].conv1.weight_quantizer
+    assert (conv.groups, conv.is_on("clip_on"), conv.is_on("quant_on")) == (4, False, False)
+    assert module(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
+
+
+def test_invalid_quant_config_value_is_one_short_error(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = {
+        "seed_everything": 0,
+        "trainer": {"callbacks": [{"class_path": "gdrq_lightning.GDRQCallback",
+                                   "init_args": {"config": {"method": "gdrq", "weight_bits": 9}}}]},
+        "model": {"class_path": "tasks.classification.ClassificationModule"},
+        "data": {"class_path": "tasks.classification.DigitsDataModule", "init_args": {"image_size": 16}},
+    }
+    assert run_main(["fit", "--config", write_yaml(tmp_path / "bad.yaml", config), "--trainer.logger", "false"]) == 2
+    err = capsys.readouterr().err
+    # jsonargparse wraps the QuantConfig error in ~20 lines of Union attempts; gdrq reports the original
+    assert err.splitlines() == [
+        "gdrq: error: ValueError: QuantConfig.weight_bits=9 is out of range (allowed: integer 1..8)",
+        "(set GDRQ_DEBUG=1 or pass --debug for the traceback)",
+    ]
