@@ -13,13 +13,14 @@ from enum import Enum
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import monitoring
-from .quant import QuantConfig, quantize_model, quantized_layers, set_quant_state
+from .quant import QuantConfig, quantize_model, quantized_layers, quantizers, set_quant_state
 from .quant.layers import QuantConv2d, QuantLinear
 from .schedule import PHASES, Schedule
 
@@ -44,6 +45,29 @@ def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantC
 def config_to_dict(config: QuantConfig) -> dict[str, Any]:
     """Plain-value dict of a config (no enums), safe for ``torch.load(weights_only=True)``."""
     return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def check_quantizers_finite(model: nn.Module, step: int) -> None:
+    """Stop training when a quantizer's statistic or learned scale is NaN/Inf, naming the layer.
+
+    One fused check per step (a single host sync); the slow search runs only on failure.
+
+    Raises:
+        FloatingPointError: names the first layer with a non-finite value.
+    """
+    tensors = [(n, t) for n, t in _quantizer_scales(model)]
+    if not tensors or bool(torch.isfinite(torch.cat([t.detach().reshape(-1).float() for _, t in tensors])).all()):
+        return
+    name = next(n for n, t in tensors if not bool(torch.isfinite(t.detach()).all()))
+    raise FloatingPointError(f"non-finite quantizer value {name} at global step {step}; the last good checkpoint is kept")
+
+
+def _quantizer_scales(model: nn.Module):
+    for name, q in quantizers(model):
+        for attr in ("running_abs_mean", "running_max", "alpha", "step"):
+            t = getattr(q, attr, None)
+            if isinstance(t, torch.Tensor):
+                yield f"{name}.{attr}", t
 
 
 class GDRQCallback(Callback):
@@ -136,6 +160,7 @@ class GDRQCallback(Callback):
             self._probe_results = self._probe.__enter__()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        check_quantizers_finite(self._target, trainer.global_step)
         for _, layer in quantized_layers(self._target):
             if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.weight_quantizer.project:
                 layer.weight_quantizer.project_(layer.weight)

@@ -18,6 +18,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningCLI
 
+from .interrupt import InterruptCheckpoint
+
 # `gdrq data NAME DIR` -> (module, function); the library imports task code only here, lazily.
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
     "make-digits-coco": ("tasks.detection.digits_coco", "make_digits_coco"),
@@ -28,11 +30,13 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointE
 
 class GDRQCLI(LightningCLI):
     """LightningCLI with an always-present ``ModelCheckpoint`` (``--checkpoint.*``) that
-    keeps ``last.ckpt``, W&B offline as the default logger and a Rich progress bar."""
+    keeps ``last.ckpt``, an :class:`InterruptCheckpoint` (SIGINT/SIGTERM -> ``interrupted.ckpt``),
+    W&B offline as the default logger and a Rich progress bar on terminals."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(InterruptCheckpoint, "interrupt_checkpoint")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:  # type: ignore[override]
         trainer = super().instantiate_trainer(**kwargs)

@@ -12,6 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from gdrq_lightning.callback import check_quantizers_finite
+
 OptimizerName = Literal["sgd", "adamw"]
 SchedulerName = Literal["cosine", "poly", "none"]
 
@@ -70,13 +72,18 @@ def build_optimization(
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def check_finite(losses: dict[str, Tensor], step: int) -> None:
+def check_finite(losses: dict[str, Tensor], step: int, model: nn.Module | None = None) -> None:
     """Stop on a non-finite loss, naming the term, instead of training on NaNs.
 
+    With ``model`` given, a non-finite quantizer statistic or scale is named first,
+    since that is usually where the NaN came from.
+
     Raises:
-        FloatingPointError: some loss term is NaN or infinite.
+        FloatingPointError: some loss term (or quantizer value) is NaN or infinite.
     """
     bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
     if bad:
+        if model is not None:
+            check_quantizers_finite(model, step)
         values = ", ".join(f"{k}={float(losses[k]):.4g}" for k in bad)
         raise FloatingPointError(f"non-finite loss at global step {step}: {values}")

@@ -62,7 +62,7 @@ class ClassificationModule(pl.LightningModule):
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
-        check_finite({"loss": loss}, self.global_step)
+        check_finite({"loss": loss}, self.global_step, self.model)
         acc = (logits.argmax(1) == y).float().mean()
         self.log_dict({"train/loss": loss, "train/acc1": acc}, prog_bar=True, batch_size=len(y))
         return loss

@@ -1,0 +1,55 @@
+"""Never lose work: a resumable checkpoint when a run is interrupted (Ctrl+C or SIGTERM).
+
+Lightning turns SIGINT into ``KeyboardInterrupt`` and SIGTERM into ``SIGTERMException``
+and calls ``on_exception``; this callback then writes ``interrupted.ckpt`` next to the
+run's other checkpoints. Other errors (a NaN guard, a data error) do not overwrite
+anything, so the last good checkpoint stays the one to resume from.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Checkpoint
+from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+from .monitoring import run_dir
+
+
+class InterruptCheckpoint(Checkpoint):
+    """Save ``<dirpath>/interrupted.ckpt`` on SIGINT / SIGTERM.
+
+    Args:
+        dirpath: where to write; default: the ``ModelCheckpoint`` directory, else
+            ``<run dir>/checkpoints``.
+        filename: file name without extension.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str = "interrupted") -> None:
+        super().__init__()
+        if not filename:
+            raise ValueError("InterruptCheckpoint(filename=...) must not be empty")
+        self.dirpath = dirpath
+        self.filename = filename
+
+    def checkpoint_path(self, trainer: pl.Trainer) -> str:
+        dirpath = self.dirpath
+        if dirpath is None:
+            model_ckpt = trainer.checkpoint_callback
+            dirpath = getattr(model_ckpt, "dirpath", None) or os.path.join(run_dir(trainer), "checkpoints")
+        return os.path.join(dirpath, f"{self.filename}.ckpt")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit":
+            return
+        path = self.checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        rank_zero_info(
+            f"[gdrq] interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}; "
+            f"resume with `gdrq fit --config ... --ckpt_path {path}`"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dirpath": self.dirpath, "filename": self.filename}
