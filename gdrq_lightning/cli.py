@@ -55,7 +55,19 @@ def default_logger() -> dict:
     }
 
 
+def check_ckpt_path(args: list[str]) -> None:
+    """Fail in one line on a missing or truncated ``--ckpt_path`` (LightningCLI reads it
+    while parsing, and torch's own error is a page long)."""
+    for i, arg in enumerate(args):
+        path = args[i + 1] if arg == "--ckpt_path" and i + 1 < len(args) else arg.partition("=")[2] if arg.startswith("--ckpt_path=") else None
+        if path and path not in ("last", "best", "hpc", "registry", "null"):
+            from .checkpoint import load_checkpoint
+
+            load_checkpoint(path)
+
+
 def run_lightning(args: list[str]) -> None:
+    check_ckpt_path(args)
     GDRQCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -63,6 +75,7 @@ def run_lightning(args: list[str]) -> None:
         subclass_mode_data=True,
         trainer_defaults={"logger": default_logger(), "default_root_dir": "runs"},
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False},  # config errors reach main() as exceptions: one line each
         auto_configure_optimizers=False,
         args=None if args == sys.argv[1:] else args,  # LightningCLI warns when both are given
     )
@@ -115,9 +128,23 @@ def root_cause(e: BaseException) -> BaseException:
     """The error to report: jsonargparse wraps one raised while it builds a class from the
     config (e.g. ``QuantConfig.weight_bits=9 is out of range``) in pages of nested Union
     attempts, so follow its ``raise ... from`` chain back to the original error."""
-    while isinstance(e.__cause__, USER_ERRORS) and _raised_in(e, "jsonargparse"):
+    while isinstance(e.__cause__, (*USER_ERRORS, argparse.ArgumentError)) and (
+        isinstance(e, argparse.ArgumentError) or _raised_in(e, "jsonargparse")
+    ):
         e = e.__cause__
     return e
+
+
+_JSONARGPARSE_NOISE = (
+    "Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Expected a <class 'NoneType'>",
+    "Given value", "Not a valid subclass", "Subclass types expect", "- a class path", "- a dict",
+)
+
+
+def condense(message: str) -> str:
+    """jsonargparse's nested Union report reduced to the lines that name the key and the problem."""
+    lines = [line.strip(" -") for line in message.splitlines() if line.strip()]
+    return " ".join(line for line in lines if not any(noise in line for noise in _JSONARGPARSE_NOISE))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -131,11 +158,12 @@ def main(argv: list[str] | None = None) -> None:
             commands[args[0]](args[1:])
         else:
             run_lightning(args)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, argparse.ArgumentError) as e:
         if debug:
             raise
-        e = root_cause(e)
-        print(f"gdrq: error: {type(e).__name__}: {e}\n(set GDRQ_DEBUG=1 or pass --debug for the traceback)", file=sys.stderr)
+        cause = root_cause(e)
+        text = condense(str(cause)) if isinstance(cause, argparse.ArgumentError) else f"{type(cause).__name__}: {cause}"
+        print(f"gdrq: error: {text}\n(set GDRQ_DEBUG=1 or pass --debug for the traceback)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -88,7 +88,7 @@ class QuantConfig:
             later patterns win where several match.
     """
 
-    method: Method = Method.gdrq
+    method: Method | str = Method.gdrq
     weight_bits: int = 4
     act_bits: int = 4
     groups: int = 1
@@ -96,7 +96,7 @@ class QuantConfig:
     k_a: float = 4.0
     momentum: float = 0.01
     act_groups: int = 1
-    hwgq_backward: HWGQBackward = HWGQBackward.clipped
+    hwgq_backward: HWGQBackward | str = HWGQBackward.clipped
     hwgq_step: float | None = None
     project: bool = False
     pact_alpha_init: float = 6.0
