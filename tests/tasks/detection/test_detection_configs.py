@@ -13,7 +13,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[3] / "configs" / "detection")
 
 def test_configs_exist() -> None:
     assert {p.name for p in CONFIGS} >= {
-        "digits_coco_fp32.yaml", "digits_coco_gdrq_w4a4.yaml", "coco2017_r50fpn_gdrq_w4a4.yaml",
+        "digits_coco_fp32.yaml", "digits_coco_gdrq_w4a4.yaml", "digits_coco_gdrq_w4a4_scratch.yaml",
+        "coco2017_r50fpn_gdrq_w4a4.yaml",
     }
 
 
@@ -21,10 +22,14 @@ def test_configs_exist() -> None:
 def test_config_builds(path: Path) -> None:
     cfg = yaml.safe_load(path.read_text())
     assert "logger" not in cfg["trainer"]  # the CLI supplies W&B (offline)
+    if cfg["model"]["init_args"].get("pretrained"):  # fine-tuning reads what the FP32 recipe writes
+        fp32 = yaml.safe_load((path.parent / "digits_coco_fp32.yaml").read_text())
+        assert cfg["model"]["init_args"]["pretrained"] == fp32["checkpoint"]["dirpath"] + "/last.ckpt"
     assert cfg["model"]["class_path"] == "tasks.detection.DetectionModule"
     assert cfg["data"]["class_path"] == "tasks.detection.COCODataModule"
     model_args = dict(cfg["model"]["init_args"])
     model_args["pretrained_backbone"] = None  # placeholders in the COCO recipe
+    model_args["pretrained"] = None  # the fine-tuning recipe's FP32 checkpoint
     module = DetectionModule(**model_args)
     COCODataModule(**cfg["data"]["init_args"])
     callbacks = cfg["trainer"].get("callbacks") or []
