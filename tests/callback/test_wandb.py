@@ -2,6 +2,7 @@
 the phase-change plots in the run directory's ``quant_plots/`` (no network)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -40,10 +41,14 @@ def test_quant_metrics_histograms_and_plots_reach_an_offline_wandb_run(offline_w
     assert len(runs) == 1, sorted(p.name for p in save_dir.rglob("*"))
     files = list(runs[0].glob("*.wandb"))
     assert len(files) == 1
+    names = (b"quant/3/w_threshold", b"quant/3/w_quant_error", b"quant/3/w_clipped_frac",
+             b"quant/5/a_threshold", b"quant/5/a_clipped_frac", b"quant/phase", b"hist/3/weight_raw",
+             b"quant/distribution_scale_clip")
+    deadline = time.monotonic() + 60  # wandb-core may still be writing on a loaded machine
+    while not all(n in files[0].read_bytes() for n in names) and time.monotonic() < deadline:
+        time.sleep(0.5)
     data = files[0].read_bytes()
-    for name in (b"quant/3/w_threshold", b"quant/3/w_quant_error", b"quant/3/w_clipped_frac",
-                 b"quant/5/a_threshold", b"quant/5/a_clipped_frac", b"quant/phase", b"hist/3/weight_raw",
-                 b"quant/distribution_scale_clip"):
+    for name in names:
         assert name in data, name
     plots = sorted(p.name for p in (save_dir / "gdrq-test" / run_id / "quant_plots").iterdir())
     assert plots == ["quant_weights_3.png", "scale_clip_3.png"]

@@ -85,7 +85,7 @@ def test_default_logger_is_wandb_under_runs(tmp_path: Path, monkeypatch, capsys,
     assert logger["init_args"]["save_dir"] == "runs" and logger["init_args"]["offline"] is offline
     assert config["trainer"]["default_root_dir"] == "runs" and config["checkpoint"]["save_last"] is True
     callback = config["trainer"]["callbacks"][0]["init_args"]
-    assert callback["config"]["groups"] == 4 and callback["schedule"]["scale_clip"] == 2
+    assert callback["config"]["groups"] == 4 and callback["schedule"]["scale_clip"] == 1
 
 
 def test_data_help(capsys: pytest.CaptureFixture) -> None:
