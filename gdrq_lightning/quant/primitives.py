@@ -65,25 +65,254 @@ def fake_quant_signed(x: Tensor, alpha: Tensor, bits: int, axis: int | None = No
         bits: 2..8 (1 bit is :func:`binarize`).
         axis: channel axis for a vector ``alpha``.
 
-    Gradient: identity inside ``[-alpha, alpha]``, zero outside (``alpha`` detached).
-    Uses the fused ATen fake-quant kernels, so 8 bits equals
-    ``torch.fake_quantize_per_tensor_affine(x, alpha/127, 0, -127, 127)`` exactly.
+    Gradient: identity inside ``(-alpha, alpha)``, zero outside, half on ``|x| == alpha``
+    (the derivative torch gives ``clamp`` with tensor bounds); ``alpha`` is detached.
+    Computes what the fused ATen kernel computes (``round(x * (1/s)) * s``), so 8 bits
+    equals ``torch.fake_quantize_per_tensor_affine(x, alpha/127, 0, -127, 127)`` exactly.
     """
-    n = signed_levels(bits)
     alpha = alpha.detach().float()
-    a = expand_bshape(alpha, x, axis)
-    return _fused_fake_quant(torch.clamp(x, -a, a), (alpha / n).clamp_min(_MIN_SCALE), -n, n, axis)
+    if not _fast_ok(x):
+        return _reference_fake_quant(x, alpha, bits, axis, signed=True)
+    if not _needs_grad(x):
+        xv, a = _grouped(x, alpha, axis)
+        return _quantize(xv, a, signed_levels(bits), signed=True).reshape(x.shape)
+    return _ClipFakeQuant.apply(x, alpha, signed_levels(bits), axis, True)
 
 
 def fake_quant_unsigned(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
     """Unsigned fake-quant ``s * round(clamp(x, 0, alpha) / s)``, ``s = alpha / (2**b - 1)``.
 
-    Gradient: identity inside ``[0, alpha]``, zero outside (``alpha`` detached).
+    Gradient: identity on ``(0, alpha)``, half at ``x == alpha`` and zero at ``x == 0``
+    (the derivatives torch gives ``clamp_min`` and ``minimum``), zero outside (``alpha`` detached).
     """
-    n = unsigned_levels(bits)
     alpha = alpha.detach().float()
-    x_c = torch.minimum(torch.clamp_min(x, 0.0), expand_bshape(alpha, x, axis))
-    return _fused_fake_quant(x_c, (alpha / n).clamp_min(_MIN_SCALE), 0, n, axis)
+    if not _fast_ok(x):
+        return _reference_fake_quant(x, alpha, bits, axis, signed=False)
+    if not _needs_grad(x):
+        xv, a = _grouped(x, alpha, axis)
+        return _quantize(xv, a, unsigned_levels(bits), signed=False).reshape(x.shape)
+    return _ClipFakeQuant.apply(x, alpha, unsigned_levels(bits), axis, False)
+
+
+def relu_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None, relu_out: Tensor | None = None) -> Tensor:
+    """``fake_quant_unsigned(torch.relu(x), alpha, bits, axis)`` as one autograd node,
+    with the gradient of that composition for ``x``.
+
+    ``relu_out``: ``torch.relu(x)`` if the caller computed it already (for statistics);
+    its memory is reused for the result, so the caller must not read it afterwards.
+    """
+    alpha = alpha.detach().float()
+    if not _fast_ok(x):
+        return _reference_fake_quant(torch.relu(x), alpha, bits, axis, signed=False)
+    n = unsigned_levels(bits)
+    if not _needs_grad(x):
+        xv, a = _grouped(x, alpha, axis)
+        out = None if relu_out is None else relu_out.detach().reshape(xv.shape)
+        return _quantize(xv, a, n, signed=False, out=out).reshape(x.shape)
+    return _ReluFakeQuant.apply(x, alpha, n, axis, [relu_out])  # in a list: not an autograd input
+
+
+def scale_clip_fake_quant(w: Tensor, groups: int, k: float, bits: int) -> Tensor:
+    """GDRQ weights: ``fake_quant_signed(clip_symmetric(w, T), T, bits, axis=0)`` with
+    ``T = scale_clip_threshold(w, groups, k)``, as one node.
+
+    Gradient: identity where ``|w| < T_g``, zero where clipped (see ``_ScaleClipFakeQuant``
+    for ``|w| == T_g``).
+    """
+    if not _fast_ok(w):
+        t = scale_clip_threshold(w, groups, k)
+        return _reference_fake_quant(clip_symmetric(w, t), t.float(), bits, 0, signed=True)
+    if not _needs_grad(w):
+        wv = w.detach().reshape(groups, -1)
+        t = (k * wv.abs().mean(dim=1)).reshape(-1, 1)  # == scale_clip_threshold(w, groups, k)
+        return _quantize(wv, t, signed_levels(bits), signed=True).reshape(w.shape)
+    return _ScaleClipFakeQuant.apply(w, groups, float(k), signed_levels(bits))
+
+
+def _fast_ok(x: Tensor) -> bool:
+    """The fused paths reproduce the ATen kernels' float32 arithmetic; other dtypes take the reference."""
+    return x.dtype == torch.float32
+
+
+def _needs_grad(x: Tensor) -> bool:
+    """Without a backward (eval, ``no_grad``) no mask is computed."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+def _grouped(x: Tensor, v: Tensor, axis: int | None) -> tuple[Tensor, Tensor]:
+    """``x`` as ``[..., L]`` with a per-group ``[G]`` vector broadcasting as ``[G, 1]`` along ``axis``.
+
+    Contiguous channel groups make ``x.reshape(*x.shape[:axis], G, -1)`` a grouping without
+    expanding ``v`` to channels (no ``repeat_interleave``); a scalar ``v`` gives ``[1, numel]``.
+    """
+    if axis is None or v.numel() == 1:
+        return x.reshape(1, -1), v.reshape(())
+    axis %= x.dim()
+    if x.shape[axis] % v.numel():
+        raise ValueError(f"{v.numel()} groups do not divide the {x.shape[axis]} channels of axis {axis}")
+    return x.reshape(x.shape[:axis] + (v.numel(), -1)), v.reshape(-1, 1)
+
+
+# --- the fused fast paths ------------------------------------------------------------------
+# They compute what the plain composition (clamp / minimum, then ATen's fake-quant kernel)
+# computes, bit for bit, values and gradients (tests/benchmarks/test_fast_paths.py), but:
+# * every op is vectorised and in place: ATen's fake-quant kernels, ``where`` and ``clamp``
+#   with tensor bounds are scalar loops on CPU, and comparisons into ``bool`` are slower
+#   than into ``float``;
+# * one autograd node per quantizer, keeping one 0/1 float mask instead of its inputs, and
+#   two full-size allocations per node (result, mask): fresh memory page-faults on CPU.
+# torch's derivatives decide the gradient on a clip bound, and the masks reproduce them:
+# ``clamp`` with tensor bounds passes 1/2 there (1 when both bounds coincide), ``minimum``
+# 1/2 on a tie, ``relu`` / ``clamp_min(x, 0.)`` nothing at 0. Elements exactly on a bound
+# are rare: a separate tie mask is built (and kept) only when there are some.
+
+class _Grid:
+    """The fake-quant grid ``s = alpha / n`` (``>= 1e-8``), ``inv = 1/s`` and ``hi = alpha * inv``."""
+
+    def __init__(self, alpha: Tensor, n: int) -> None:
+        self.scale = (alpha / n).clamp_min(_MIN_SCALE)
+        self.inv = torch.reciprocal(self.scale)
+        self.hi = alpha * self.inv
+        self.neg_hi = -self.hi
+
+    def apply(self, out: Tensor, x: Tensor, signed: bool) -> None:
+        """``out = s * round(clamp(x, lo, alpha) * inv)`` as ATen's kernels compute it.
+
+        ``inv`` in float32 like the kernels; clamping ``x * inv`` at ``alpha * inv`` equals
+        multiplying the clamped ``x`` (rounding is monotonic); ``|round(alpha * inv)| <= n``
+        makes the kernels' integer clamp a no-op; ``+ 0.0`` turns the ``-0.0`` that ``round``
+        keeps into the kernels' ``+0.0``.
+        """
+        torch.mul(x, self.inv, out=out)
+        if signed:
+            torch.maximum(out, self.neg_hi, out=out)
+        else:
+            out.clamp_(min=0.0)
+        torch.minimum(out, self.hi, out=out)
+        out.round_().mul_(self.scale).add_(0.0)
+
+
+def _quantize(xv: Tensor, a: Tensor, n: int, signed: bool, out: Tensor | None = None) -> Tensor:
+    """Forward only (no masks), slice by slice."""
+    out = torch.empty_like(xv) if out is None else out
+    _Grid(a, n).apply(out, xv, signed)
+    return out
+
+
+def _ties(eq: Tensor) -> Tensor | None:
+    """The 0/1 tie mask ``eq``, or ``None`` when it is all 0 (checked on CPU only, where this
+    is a reduction and no synchronisation; accelerators always keep the mask)."""
+    if eq.device.type == "cpu" and (eq.numel() == 0 or not bool(eq.amax() > 0)):
+        return None
+    return eq
+
+
+def _symmetric_forward(xv: Tensor, a: Tensor, n: int | None, mag: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``fake-quant(clamp(x, -a, a))`` (or the clamp alone when ``n`` is None) and the masks of
+    ``clamp``: 1 inside, 1/2 on ``|x| == a > 0``, 1 on ``x == a == 0``.
+
+    ``mag``: ``|x|`` if already computed; it becomes the inside mask. Returns ``(out, inside, tie)``.
+    """
+    out = torch.empty_like(xv)
+    mag = xv.abs() if mag is None else mag
+    tie = _ties(torch.eq(mag, a, out=out if xv.device.type == "cpu" else torch.empty_like(xv)))
+    if tie is not None and tie is out:
+        tie = tie.clone()
+    inside = torch.lt(mag, a, out=mag)
+    if n is not None:
+        _Grid(a, n).apply(out, xv, signed=True)
+    else:
+        torch.minimum(torch.maximum(xv, -a, out=out), a, out=out)
+    return out, inside, tie
+
+
+def _positive_forward(xv: Tensor, a: Tensor, n: int, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Unsigned fake-quant of ``x`` and the masks of ``minimum(relu(x), a)``: 1 on ``0 < x < a``,
+    1/2 on ``x == a > 0``. ``out`` (e.g. the ReLU output) is overwritten with the result."""
+    out = torch.empty_like(xv) if out is None else out
+    inside = torch.gt(xv, 0.0, out=torch.empty_like(xv)).mul_(torch.lt(xv, a, out=out))
+    a_pos = torch.where(a > 0, a, float("nan"))  # a tie needs x > 0; nan equals nothing
+    tie = _ties(torch.eq(xv, a_pos, out=out if xv.device.type == "cpu" else torch.empty_like(xv)))
+    if tie is not None and tie is out:
+        tie = tie.clone()
+    _Grid(a, n).apply(out, xv, signed=False)
+    return out, inside, tie
+
+
+def _save_masks(ctx, inside: Tensor, tie: Tensor | None, tie_scale: Tensor | float, times: int = 1) -> None:
+    ctx.save_for_backward(inside, tie)
+    ctx.tie_scale, ctx.times = tie_scale, times
+
+
+def _masked_backward(ctx, grad: Tensor) -> Tensor:
+    """``grad`` times the saved mask; ``+ 0.0`` makes zeros positive, as torch's ``where`` does."""
+    inside, tie = ctx.saved_tensors
+    g = grad.reshape(inside.shape)
+    out = torch.mul(g, inside).add_(0.0)
+    if tie is not None:
+        g_tie = g
+        for _ in range(ctx.times):  # 1/2 per clamp, applied as torch applies them
+            g_tie = g_tie * ctx.tie_scale
+        out = torch.where(tie > 0, g_tie, out)
+    return out.reshape(grad.shape)
+
+
+class _ClipFakeQuant(torch.autograd.Function):
+    """``clamp`` (or ``clamp_min`` + ``minimum``) + fake-quant as one node."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, n: int, axis: int | None, signed: bool) -> Tensor:  # type: ignore[override]
+        xv, a = _grouped(x, alpha, axis)
+        if signed:
+            out, inside, tie = _symmetric_forward(xv, a, n)
+            _save_masks(ctx, inside, tie, torch.where(a > 0, 0.5, 1.0))
+        else:
+            out, inside, tie = _positive_forward(xv, a, n)
+            _save_masks(ctx, inside, tie, 0.5)
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _masked_backward(ctx, grad), None, None, None, None
+
+
+class _ReluFakeQuant(torch.autograd.Function):
+    """``relu`` + unsigned fake-quant as one node. Masks and values come from ``x``
+    (``relu(x) == x`` where it matters), so a given ReLU output only serves as memory."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, alpha: Tensor, n: int, axis: int | None, holder: list) -> Tensor:  # type: ignore[override]
+        xv, a = _grouped(x, alpha, axis)
+        buf = None if holder[0] is None else holder[0].detach().reshape(xv.shape)
+        holder.clear()
+        out, inside, tie = _positive_forward(xv, a, n, out=buf)
+        _save_masks(ctx, inside, tie, 0.5)
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _masked_backward(ctx, grad), None, None, None, None
+
+
+class _ScaleClipFakeQuant(torch.autograd.Function):
+    """Scale-Clip threshold + clip + signed fake-quant of a weight as one node.
+
+    The composition clamps twice (``clip_symmetric``, then the quantizer's own clamp at
+    the same bound), so a weight exactly on ``T > 0`` gets ``1/2 * 1/2`` of its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, groups: int, k: float, n: int) -> Tensor:  # type: ignore[override]
+        wv = w.reshape(groups, -1)
+        mag = wv.abs()
+        t = (k * mag.mean(dim=1)).reshape(-1, 1)  # == scale_clip_threshold(w, groups, k)
+        out, inside, tie = _symmetric_forward(wv, t, n, mag=mag)
+        _save_masks(ctx, inside, tie, torch.where(t > 0, 0.5, 1.0), times=2)
+        return out.reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _masked_backward(ctx, grad), None, None, None
 
 
 def _bshape(x: Tensor, axis: int) -> tuple[int, ...]:
@@ -99,6 +328,17 @@ def expand_bshape(v: Tensor, x: Tensor, axis: int | None) -> Tensor:
     if axis is None or v.numel() == 1:
         return v.reshape(())
     return _expand_channels(v, x.shape[axis]).reshape(_bshape(x, axis))
+
+
+def _reference_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None, signed: bool) -> Tensor:
+    """The plain composition (clamp / minimum, then the ATen kernel), for non-float32 inputs."""
+    if signed:
+        n = signed_levels(bits)
+        a = expand_bshape(alpha, x, axis)
+        return _fused_fake_quant(torch.clamp(x, -a, a), (alpha / n).clamp_min(_MIN_SCALE), -n, n, axis)
+    n = unsigned_levels(bits)
+    x_c = torch.minimum(torch.clamp_min(x, 0.0), expand_bshape(alpha, x, axis))
+    return _fused_fake_quant(x_c, (alpha / n).clamp_min(_MIN_SCALE), 0, n, axis)
 
 
 def _fused_fake_quant(x: Tensor, scale: Tensor, qmin: int, qmax: int, axis: int | None) -> Tensor:
@@ -143,8 +383,26 @@ def scale_clip_threshold(w: Tensor, groups: int, k: float) -> Tensor:
 
 def clip_symmetric(w: Tensor, threshold: Tensor, axis: int = 0) -> Tensor:
     """``clamp(w, -T_g, T_g)`` with a per-group ``T``; zero gradient where clipped."""
-    t = expand_bshape(threshold, w, axis)
-    return torch.clamp(w, -t, t)
+    t = threshold.detach()
+    if not _fast_ok(w) or t.dtype != w.dtype:
+        t = expand_bshape(t, w, axis)
+        return torch.clamp(w, -t, t)
+    return _SymmetricClip.apply(w, t, axis)
+
+
+class _SymmetricClip(torch.autograd.Function):
+    """``clamp(w, -T, T)`` as one node keeping a 0/1 mask rather than ``w`` and both bounds."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, t: Tensor, axis: int) -> Tensor:  # type: ignore[override]
+        wv, tv = _grouped(w, t, axis)
+        out, inside, tie = _symmetric_forward(wv, tv, None)
+        _save_masks(ctx, inside, tie, torch.where(tv > 0, 0.5, 1.0))
+        return out.reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return _masked_backward(ctx, grad), None, None
 
 
 class BinarizeSTE(torch.autograd.Function):
@@ -152,17 +410,36 @@ class BinarizeSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
         return grad
 
 
+class _ScaledSign(torch.autograd.Function):
+    """``alpha_g * sign(w)`` (``alpha`` detached) as one node: gradient ``alpha_g * grad``."""
+
+    @staticmethod
+    def forward(ctx, w: Tensor, alpha: Tensor) -> Tensor:  # type: ignore[override]
+        wv, a = _grouped(w, alpha, 0)
+        ctx.save_for_backward(a)
+        ctx.view_shape = wv.shape
+        # (2 * [w >= 0] - 1) * alpha: in-place vectorised ops (``where`` is a scalar loop on CPU)
+        return torch.ge(wv, 0.0, out=torch.empty_like(wv)).mul_(2.0).sub_(1.0).mul_(a).reshape(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (a,) = ctx.saved_tensors
+        return (grad.reshape(ctx.view_shape) * a).reshape(grad.shape), None
+
+
 def binarize(w: Tensor, groups: int) -> Tensor:
     """Binary weights ``alpha_g * sign(w)``, ``alpha_g = mean(|w_g|)`` over each group (BWN)."""
-    alpha = expand_bshape(group_abs_mean(w, groups), w, 0)
-    return alpha * BinarizeSTE.apply(w)
+    alpha = group_abs_mean(w, groups)
+    if _fast_ok(w):
+        return _ScaledSign.apply(w, alpha)
+    return expand_bshape(alpha, w, 0) * BinarizeSTE.apply(w)
 
 
 def dorefa_weight(w: Tensor, bits: int) -> Tensor:
@@ -272,23 +549,37 @@ class HWGQFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, step: float, bits: int, backward: str) -> Tensor:  # type: ignore[override]
-        ctx.save_for_backward(x)
         ctx.q_max = unsigned_levels(bits) * step
         ctx.mode = backward
-        return hwgq_forward(x, step, bits)
+        ctx.fast = backward != "log_tailed" and _fast_ok(x)
+        if not ctx.fast:
+            ctx.save_for_backward(x)
+            return hwgq_forward(x, step, bits)
+        # hwgq_forward's values, with ``* [x > 0]`` for its ``where`` (q >= D > 0, so the zeros
+        # are +0), and the backward's 0/1 mask kept instead of ``x``
+        pos = torch.gt(x, 0.0, out=torch.empty_like(x))
+        out = torch.div(x, step).round_().clamp_(1, unsigned_levels(bits)).mul_(step).mul_(pos)
+        if backward == "clipped":
+            pos.mul_(torch.le(x, ctx.q_max, out=torch.empty_like(x)))
+        ctx.save_for_backward(pos)
+        return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (x,) = ctx.saved_tensors
-        pos = x > 0
-        if ctx.mode == "relu":
-            g = grad * pos
-        elif ctx.mode == "clipped":
-            g = grad * (pos & (x <= ctx.q_max))
-        else:  # log_tailed
-            tail = 1.0 / (x - ctx.q_max + 1.0).clamp_min(1.0)
-            g = grad * torch.where(x <= ctx.q_max, pos.to(grad.dtype), tail)
-        return g, None, None, None
+        (saved,) = ctx.saved_tensors
+        if ctx.fast:  # the 0/1 mask
+            return grad * saved, None, None, None
+        return _hwgq_backward_reference(grad, saved, ctx.mode, ctx.q_max), None, None, None
+
+
+def _hwgq_backward_reference(grad: Tensor, x: Tensor, mode: str, q_max: float) -> Tensor:
+    pos = x > 0
+    if mode == "relu":
+        return grad * pos
+    if mode == "clipped":
+        return grad * (pos & (x <= q_max))
+    tail = 1.0 / (x - q_max + 1.0).clamp_min(1.0)  # log_tailed
+    return grad * torch.where(x <= q_max, pos.to(grad.dtype), tail)
 
 
 def hwgq(x: Tensor, step: float, bits: int, backward: str = "clipped") -> Tensor:

@@ -96,6 +96,8 @@ class WeightQuantizer(_Switches):
 
     def _threshold_quant(self, w: Tensor, clip: bool, quant: bool) -> Tensor:
         groups = self.n_groups
+        if clip and quant and self.bits > 1:  # GDRQ / Scale-Clip: threshold, clip, quantize in one node
+            return P.scale_clip_fake_quant(w, groups, self.k, self.bits)
         if clip:
             alpha = self.threshold(w)
             w = P.clip_symmetric(w, alpha)
@@ -200,6 +202,8 @@ class ActQuantizer(_Switches):
             return P.dorefa_act(x, self.bits) if quant else self._act(x)
         if self.method == Method.pact:
             return P.pact_act(x, self.alpha, self.bits, self.pact_decay) if quant else self._act(x)
+        if self.method != Method.lsq and quant and self.upper is None:
+            return self._relu_quant(x)
         y = self._act(x)
         if self.method == Method.lsq:
             return self._lsq(y) if quant else y
@@ -213,6 +217,16 @@ class ActQuantizer(_Switches):
         if not quant:
             return torch.minimum(y, P.expand_bshape(alpha, y, axis))
         return P.fake_quant_unsigned(y, alpha, self.bits, axis=axis)
+
+    def _relu_quant(self, x: Tensor) -> Tensor:
+        """The ReLU + statistics + fake-quant path as one autograd node (same math as above)."""
+        y = None
+        if self.training:
+            with torch.no_grad():
+                y = torch.relu(x)
+                self._observe(y)
+        axis = 1 if self.act_groups > 1 else None
+        return P.relu_fake_quant(x, self.threshold(), self.bits, axis=axis, relu_out=y)  # reuses y
 
     def threshold(self) -> Tensor:
         """Clip value ``alpha_a``: ``k_a * EMA(mean|a|)`` (Scale-Clip) or ``EMA(max a)``, ``[groups]``."""
@@ -236,13 +250,11 @@ class ActQuantizer(_Switches):
             dist.all_reduce(stats)  # every rank keeps the same thresholds
             stats /= dist.get_world_size()
         mean, mx = stats[0].reshape(-1), stats[1].reshape(-1)
-        if not self.initialized:
-            self.running_abs_mean.copy_(mean)
-            self.running_max.copy_(mx)
-            self.initialized.fill_(True)
-        else:
-            self.running_abs_mean.lerp_(mean, self.momentum)
-            self.running_max.lerp_(mx, self.momentum)
+        # ``where`` on the flag instead of ``if self.initialized``: no host-device sync
+        first = ~self.initialized
+        self.running_abs_mean.copy_(torch.where(first, mean, self.running_abs_mean.lerp(mean, self.momentum)))
+        self.running_max.copy_(torch.where(first, mx, self.running_max.lerp(mx, self.momentum)))
+        self.initialized.fill_(True)
 
     def _lsq(self, y: Tensor) -> Tensor:
         n = P.unsigned_levels(self.bits)
