@@ -12,6 +12,13 @@ in the backbone whenever they start from pretrained weights. We default to plain
 * export folds the per-group weight steps into the following ``nn.BatchNorm2d``
   (SPEC §3); a ``FrozenBatchNorm2d`` is not a ``BatchNorm2d``.
 
+ResNet blocks get one ``nn.ReLU`` module per call site (:class:`SplitReLUBasicBlock`,
+:class:`SplitReLUBottleneck`; same parameters and ``state_dict`` keys as torchvision's).
+torchvision's blocks call one ``self.relu`` two or three times, and a quantized ReLU
+keeps one set of activation statistics per module: the mid-block and the post-residual
+activations would share a clip threshold although their means differ 2-3x (measured on
+the digits-COCO FP32 model: e.g. 0.33 vs 1.00 in ``layer1.1``).
+
 ``norm="frozen"`` restores torchvision's behaviour (for fine-tuning a pretrained
 backbone with tiny per-GPU batches); its statistics never move and the
 ``freeze_bn`` phase then has nothing to do. With BN and small per-GPU batches
@@ -29,11 +36,13 @@ from typing import Callable, Literal
 import torch
 import torchvision
 from torch import nn
+from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 NormName = Literal["batchnorm", "frozen"]
@@ -73,6 +82,42 @@ def _load_classifier(net: nn.Module, path: str | Path | None, name: str) -> None
         )
 
 
+class SplitReLUBasicBlock(BasicBlock):
+    """torchvision ``BasicBlock`` whose two activations are separate modules (``relu``, ``relu_out``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu_out = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu_out(out + identity)
+
+
+class SplitReLUBottleneck(Bottleneck):
+    """torchvision ``Bottleneck`` whose three activations are separate modules (``relu``, ``relu2``, ``relu_out``)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.relu_out = nn.ReLU(inplace=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu2(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu_out(out + identity)
+
+
+RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
+    "resnet18": (SplitReLUBasicBlock, [2, 2, 2, 2]),
+    "resnet50": (SplitReLUBottleneck, [3, 4, 6, 3]),
+}
+
+
 def _norm_layer(norm: str) -> Callable[..., nn.Module] | None:
     if norm == "batchnorm":
         return None  # each torchvision net's own BatchNorm2d (MobileNetV3: eps=1e-3, momentum=0.01)
@@ -87,7 +132,8 @@ def resnet_fpn(
     """ResNet + FPN (4 levels + max-pool level), as ``resnet_fpn_backbone`` with a free FPN width."""
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers={trainable_layers} must be in 0..5 for {name}")
-    net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm))
+    block, layers = RESNETS[name]
+    net = ResNet(block, layers, norm_layer=_norm_layer(norm))  # = torchvision.models.<name>, split ReLUs
     _load_classifier(net, pretrained_backbone, name)
     train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:

@@ -141,3 +141,20 @@ def test_pretrained_weights_load_from_local_files(tiny_module, tmp_path, tiny_kw
     with_bb = DetectionModule(**tiny_kwargs, pretrained_backbone=str(backbone))
     ref = torch.load(backbone, weights_only=True)
     torch.testing.assert_close(with_bb.model.backbone.body.layer3[1].conv2.weight, ref["layer3.1.conv2.weight"])
+
+
+def test_each_backbone_relu_module_runs_once_per_forward(tiny_module) -> None:
+    """One activation module per call site, so each quantized ReLU has its own statistics."""
+    body = tiny_module.model.backbone.body
+    calls: dict[str, int] = {}
+    for name, mod in body.named_modules():
+        if isinstance(mod, nn.ReLU):
+            mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
+    with torch.no_grad():
+        body.eval()(torch.rand(1, 3, 64, 64))
+    assert len(calls) == 1 + 2 * 8  # stem + two per BasicBlock
+    assert set(calls.values()) == {1}
+    import torchvision
+
+    reference = torchvision.models.resnet18()
+    assert set(body.state_dict()) == {k for k in reference.state_dict() if not k.startswith("fc.")}
