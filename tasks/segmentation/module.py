@@ -20,6 +20,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
+from gdrq_lightning import monitoring
 from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite
 
 from .labels import IGNORE_INDEX, default_class_names
@@ -190,17 +191,13 @@ class SegmentationModule(pl.LightningModule):
         self._log_metrics(self.test_confmat, "test")
 
     def _save_predictions(self, images: Tensor, targets: Tensor, preds: Tensor) -> Path:
+        """Write ``<run dir>/predictions/val_epochNNN.png`` and attach it to W&B when that is the logger."""
         dm = getattr(self.trainer, "datamodule", None)
         mean, std = getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD)
-        run_dir = self.trainer.log_dir or self.trainer.default_root_dir
-        path = Path(run_dir) / "predictions" / f"val_epoch{self.current_epoch:03d}.png"
+        path = Path(monitoring.run_dir(self.trainer)) / "predictions" / f"val_epoch{self.current_epoch:03d}.png"
         save_prediction_grid(images, targets, preds, path, mean=mean, std=std,
                              title=f"{self.hparams.arch} epoch {self.current_epoch}")
-        from pytorch_lightning.loggers import WandbLogger
-
-        for logger in self.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="val/predictions", images=[str(path)], step=self.global_step)
+        monitoring.log_image(self.trainer, "val/predictions", str(path))
         return path
 
     def configure_optimizers(self) -> dict:
