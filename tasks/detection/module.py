@@ -54,7 +54,8 @@ class DetectionModule(pl.LightningModule):
         scheduler: ``cosine``, ``poly`` or ``none`` (per step).
         warmup_steps: linear LR warm-up steps.
         pretrained: local file with full detector weights (``self.model.state_dict()``
-            or a Lightning checkpoint of this module); float weights, loaded before quantization.
+            or a Lightning checkpoint of this module); float weights, loaded in ``setup``
+            (see :meth:`load_pretrained`).
         pretrained_backbone: local file with torchvision classification weights of the backbone.
 
     Raises:
@@ -104,15 +105,31 @@ class DetectionModule(pl.LightningModule):
             rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=box_batch_size_per_image,
             box_score_thresh=box_score_thresh, box_detections_per_img=box_detections_per_img,
         )
-        if pretrained is not None:
-            self._load_pretrained(pretrained)
+        if pretrained is not None and not pretrained:
+            raise ValueError("pretrained='' is not a file; use null for none")
         self.num_classes = num_classes
         # Patterns kept full precision when QuantConfig.skip is None: backbone + FPN get quantized.
         self.quant_skip_default: list[str] = ["rpn", "roi_heads", first_conv_name(self.model)]
         self.evaluator: COCOEvaluator | None = None
         self._warned_no_eval = False
+        self._pretrained_loaded = False
 
-    def _load_pretrained(self, path: str) -> None:
+    def load_pretrained(self) -> None:
+        """Load the float detector weights named by ``pretrained`` (no-op when it is ``None``).
+
+        Runs in ``setup``, i.e. after the quantization callback's swap (quantized layers
+        share their float layers' parameters and keys; quantizer state starts fresh), and
+        before Lightning restores a ``ckpt_path``, which then wins. Not loading at
+        construction means a module rebuilt from its checkpoint's hyper-parameters (export,
+        inspection) does not need the original file.
+
+        Raises:
+            FileNotFoundError: no file at ``pretrained``.
+            ValueError: the weights do not fit this architecture / ``num_classes``.
+        """
+        path = self.hparams.pretrained
+        if path is None or self._pretrained_loaded:
+            return  # once: a later stage (fit, then test) must not undo training
         state = load_state_dict_file(path, "pretrained (detector)")
         if all(k.startswith("model.") for k in state):
             state = {k[len("model."):]: v for k, v in state.items()}
@@ -124,9 +141,10 @@ class DetectionModule(pl.LightningModule):
             result = self.model.load_state_dict(state, strict=False)
         except RuntimeError as e:  # shape mismatches
             raise ValueError(f"{hint}: {e}") from None
-        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked") and "_quantizer." not in k]
         if missing or result.unexpected_keys:
             raise ValueError(f"{hint}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
+        self._pretrained_loaded = True
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections (eval mode): per image ``boxes`` xyxy, ``labels`` 1..K, ``scores``."""
@@ -134,6 +152,7 @@ class DetectionModule(pl.LightningModule):
 
     # ---- setup / evaluation plumbing ------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        self.load_pretrained()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = getattr(dm, "num_classes", None) if dm is not None and _ready(dm) else None
         if needed is not None:
