@@ -1,0 +1,256 @@
+"""Top-1 accuracy of every method on the embedded digits: mean ± std over seeds.
+
+Same network (torchvision ResNet-18, 32x32 input, 10 classes), same data split,
+epochs, optimizer (SGD, Nesterov momentum 0.9, lr 0.05, weight decay 5e-4 on conv /
+linear weights only), per-step cosine schedule, batch 32 and seeds for every row.
+
+* Our methods run through the task code: ``ClassificationModule`` +
+  ``DigitsDataModule`` + ``GDRQCallback`` with a ``Schedule`` that trains
+  ``--warmup-epochs`` in full precision and then switches every phase on at once
+  (Scale-Clip, weight and activation quantization, groups; BN never frozen).
+* torch.ao QAT and Brevitas run in a plain PyTorch loop over the same
+  ``DigitsDataModule``, with the same optimizer grouping (``tasks.common.param_groups``)
+  and the same cosine factor as ``tasks.common.build_optimization`` (which needs a
+  Lightning trainer). The warm-up is matched: torch.ao trains with fake-quant and
+  observers disabled, Brevitas trains the float network and swaps its layers in
+  (sharing the Parameters, so the optimizer state carries over).
+  "FP32 (plain loop)" is a control row: it shows what the loop itself contributes.
+
+Accuracy is measured once, on the validation split, after the last epoch
+(torch.ao: fake-quant model with observers frozen, not the converted int8 model).
+Results are appended to ``--out`` (JSON lines) as they finish, and runs already in
+that file are skipped, so an interrupted run can be resumed.
+
+Usage:
+    python benchmarks/accuracy_digits.py --epochs 4 --seeds 0 1 2 --out /tmp/acc.jsonl
+    python benchmarks/accuracy_digits.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
+
+from gdrq_lightning import GDRQCallback, QuantConfig, Schedule  # noqa: E402
+from tasks.classification import ClassificationModule, DigitsDataModule  # noqa: E402
+from tasks.common import param_groups  # noqa: E402
+
+_NO_PLOTS = "<no plots>"
+MODEL, IMAGE_SIZE, BATCH, LR, WEIGHT_DECAY, MOMENTUM, GROUPS = "resnet18", 32, 32, 0.05, 5e-4, 0.9, 4
+
+
+@dataclass
+class Method:
+    """One table row: ``kind`` is ``ours`` (Lightning + callback), ``fp32``/``torch_ao``/``brevitas`` (plain loop)."""
+
+    label: str
+    kind: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+METHODS = [
+    Method("FP32", "ours", {"method": "none"}),
+    Method(f"GDRQ W4A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
+    Method(f"GDRQ W2A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}),
+    Method("Scale-Clip only W4A4", "ours", {"method": "scale_clip", "weight_bits": 4, "act_bits": 4}),
+    Method(f"Group only W4A4 (G={GROUPS})", "ours", {"method": "group", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
+    Method("HWGQ W1A2", "ours", {"method": "hwgq", "weight_bits": 1, "act_bits": 2}),
+    Method("DoReFa W4A4", "ours", {"method": "dorefa", "weight_bits": 4, "act_bits": 4}),
+    Method("DoReFa W2A4", "ours", {"method": "dorefa", "weight_bits": 2, "act_bits": 4}),
+    Method("PACT W4A4", "ours", {"method": "pact", "weight_bits": 4, "act_bits": 4}),
+    Method("PACT W2A4", "ours", {"method": "pact", "weight_bits": 2, "act_bits": 4}),
+    Method("LSQ W4A4", "ours", {"method": "lsq", "weight_bits": 4, "act_bits": 4}),
+    Method("LSQ W2A4", "ours", {"method": "lsq", "weight_bits": 2, "act_bits": 4}),
+    Method("torch.ao QAT W8A8 (x86)", "torch_ao"),
+    Method("Brevitas W4A4", "brevitas", {"weight_bits": 4, "act_bits": 4}),
+    Method("Brevitas W2A4", "brevitas", {"weight_bits": 2, "act_bits": 4}),
+    Method("FP32 (plain loop)", "fp32"),
+]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--warmup-epochs", type=int, default=1, help="full-precision epochs before quantization starts")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", default=None, help="labels (or substrings) of the rows to run")
+    p.add_argument("--limit-train-batches", type=int, default=None)
+    p.add_argument("--limit-val-batches", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 on a shared machine)")
+    p.add_argument("--out", default=None, help="JSON-lines file: results are appended; finished runs are skipped")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 2 train / 1 val batches, no warm-up")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.warmup_epochs = args.seeds[:1], 1, 0
+        args.limit_train_batches, args.limit_val_batches = 2, 1
+    if not 0 <= args.warmup_epochs < args.epochs:
+        p.error(f"--warmup-epochs={args.warmup_epochs} must be in [0, --epochs={args.epochs})")
+    return args
+
+
+def _limited(loader, limit: int | None):
+    for i, batch in enumerate(loader):
+        if limit is not None and i >= limit:
+            return
+        yield batch
+
+
+def run_ours(method: Method, seed: int, args: argparse.Namespace) -> float:
+    """Lightning + GDRQCallback; returns validation top-1 after the last epoch."""
+    pl.seed_everything(seed, verbose=False)
+    dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=BATCH)
+    module = ClassificationModule(MODEL, num_classes=10, lr=LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM)
+    w = args.warmup_epochs
+    callbacks = []
+    if method.config["method"] != "none":
+        schedule = Schedule(scale_clip=w, quant_weights=w, quant_acts=w, groups=w, freeze_bn=None)
+        # no layer has this name, so the callback draws no distribution PNG at each phase
+        # (matplotlib costs seconds per phase on this machine and says nothing about accuracy)
+        callbacks.append(GDRQCallback(QuantConfig(**method.config), schedule, plot_layer=_NO_PLOTS))
+    trainer = pl.Trainer(
+        default_root_dir=tempfile.mkdtemp(prefix="gdrq_bench_"),
+        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, check_val_every_n_epoch=args.epochs,
+        limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
+    )
+    trainer.fit(module, datamodule=dm)
+    return float(trainer.callback_metrics["val/acc1"])
+
+
+def _cosine(step: int, total: int) -> float:
+    """The factor of ``tasks.common.build_optimization`` (cosine, no warm-up steps)."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
+
+
+def run_plain(method: Method, seed: int, args: argparse.Namespace) -> float:
+    """Plain loop for the FP32 control, torch.ao QAT and Brevitas; returns validation top-1."""
+    import torch.ao.quantization as tq
+
+    pl.seed_everything(seed, verbose=False)
+    dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=BATCH)
+    dm.setup("fit")
+    model: nn.Module = torchvision.models.get_model(MODEL, weights=None, num_classes=10)  # same RNG use as the module
+    if method.kind == "torch_ao":
+        fp_state = model.state_dict()
+        model = baselines._quantizable(MODEL, 10)
+        model.load_state_dict(fp_state, strict=False)
+        model.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.fuse_model(is_qat=True)
+            model.qconfig = tq.get_default_qat_qconfig("x86")
+            tq.prepare_qat(model, inplace=True)
+        if args.warmup_epochs:
+            model.apply(tq.disable_fake_quant)
+            model.apply(tq.disable_observer)
+    opt = torch.optim.SGD(param_groups(model, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, nesterov=True)
+    n_batches = len(dm.train_dataloader())
+    if args.limit_train_batches is not None:
+        n_batches = min(n_batches, args.limit_train_batches)
+    total, step = args.epochs * n_batches, 0
+    for epoch in range(args.epochs):
+        if epoch == args.warmup_epochs:
+            if method.kind == "torch_ao":
+                model.apply(tq.enable_fake_quant)
+                model.apply(tq.enable_observer)
+            elif method.kind == "brevitas":
+                model = baselines.brevitas_swap(model, method.config["weight_bits"], method.config["act_bits"])
+                known = {id(p) for g in opt.param_groups for p in g["params"]}
+                opt.param_groups[1]["params"].extend(p for p in model.parameters() if id(p) not in known)
+        model.train()
+        for x, y in _limited(dm.train_dataloader(), args.limit_train_batches):
+            for g in opt.param_groups:
+                g["lr"] = LR * _cosine(step, total)
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            step += 1
+    if method.kind == "torch_ao":
+        model.apply(tq.disable_observer)
+    model.eval()
+    correct = seen = 0
+    with torch.no_grad():
+        for x, y in _limited(dm.val_dataloader(), args.limit_val_batches):
+            correct += int((model(x).argmax(1) == y).sum())
+            seen += len(y)
+    return correct / max(seen, 1)
+
+
+def selected(args: argparse.Namespace) -> list[Method]:
+    methods = [m for m in METHODS if m.kind != "brevitas" or baselines.brevitas_available()]
+    if args.methods:
+        methods = [m for m in methods if any(s.lower() in m.label.lower() for s in args.methods)]
+    return methods
+
+
+def print_table(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> None:
+    print(f"\n| method | top-1 % (mean ± std) | seeds | per seed | s/run |")
+    print("|---|---:|---:|---|---:|")
+    for m in selected(args):
+        runs = results.get(m.label, {})
+        accs = [100 * runs[s]["acc"] for s in args.seeds if s in runs]
+        if not accs:
+            print(f"| {m.label} | (not run) | 0 | | |")
+            continue
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        secs = statistics.mean(runs[s]["seconds"] for s in args.seeds if s in runs)
+        per_seed = ", ".join(f"{a:.1f}" for a in accs)
+        print(f"| {m.label} | {statistics.mean(accs):.1f} ± {std:.1f} | {len(accs)} | {per_seed} | {secs:.0f} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    print(f"# digits accuracy: {MODEL} {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, {args.epochs} epochs "
+          f"({args.warmup_epochs} FP warm-up), seeds {args.seeds}, threads {args.threads}, loadavg {load}", flush=True)
+    if not baselines.brevitas_available():
+        print(baselines.BREVITAS_MISSING)
+    key = {"epochs": args.epochs, "warmup": args.warmup_epochs, "limit": args.limit_train_batches}
+    results: dict[str, dict[int, dict]] = {}
+    if args.out and os.path.exists(args.out):
+        with open(args.out) as f:
+            for line in f:
+                r = json.loads(line)
+                if all(r.get(k) == v for k, v in key.items()):
+                    results.setdefault(r["method"], {})[r["seed"]] = r
+    for seed in args.seeds:  # seed-major: a partial table has every method
+        for m in selected(args):
+            if seed in results.get(m.label, {}):
+                continue
+            t0 = time.perf_counter()
+            acc = run_ours(m, seed, args) if m.kind == "ours" else run_plain(m, seed, args)
+            r = {"method": m.label, "seed": seed, "acc": acc, "seconds": time.perf_counter() - t0, **key}
+            results.setdefault(m.label, {})[seed] = r
+            print(f"  {m.label:32s} seed {seed}: top-1 {100 * acc:.2f}%  ({r['seconds']:.0f} s)", flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(r) + "\n")
+    print_table(results, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Training-step overhead of quantization-aware training: FP32 vs ours vs torch.ao vs Brevitas.
+
+One full training step = forward + cross-entropy + backward + SGD(momentum) step.
+All variants of a model live in ONE process and are timed round-robin (the order
+rotates every round), so a load spike on a shared machine hits every variant
+alike. Each round times ``--steps`` consecutive steps per variant; the table shows
+the median over rounds, and the ratio to FP32 as the median of the per-round
+ratios (paired, so drift between rounds cancels).
+
+Peak memory (``--memory``, on by default except with ``--quick``):
+  * cpu: each (model, variant) runs in a fresh subprocess; after building the model
+    the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), ``--mem-steps``
+    steps run, and the reported number is ``VmHWM - RSS before the first step``:
+    gradients, optimizer state, saved activations and allocator slack. Falls back to
+    ``ru_maxrss`` where ``clear_refs`` is not writable (then it is an upper bound).
+  * cuda: in process, ``torch.cuda.max_memory_allocated()`` minus the allocation
+    before the first step, after ``reset_peak_memory_stats()``.
+
+Usage:
+    python benchmarks/step_overhead.py --threads 1 --batch 32 --size 64
+    python benchmarks/step_overhead.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import baselines  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--models", nargs="+", default=list(baselines.MODELS), choices=baselines.MODELS)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=64, help="input side length (3 x size x size)")
+    p.add_argument("--groups", type=int, default=8, help="GDRQ weight groups G (divides every layer here)")
+    p.add_argument("--repeats", type=int, default=15, help="round-robin rounds")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant before the rounds")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch.set_num_threads (default 1: on a loaded machine several OpenMP threads collapse)")
+    p.add_argument("--memory", action=argparse.BooleanOptionalAction, default=None, help="measure peak memory (default: on unless --quick)")
+    p.add_argument("--mem-steps", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="tiny smoke run: batch 2, 16x16, 2 rounds, no memory")
+    p.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batch, args.size, args.repeats, args.steps, args.warmup = 2, 16, 2, 1, 1
+    if args.memory is None:
+        args.memory = not args.quick
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    return args
+
+
+def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    return x.to(args.device), y.to(args.device)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """A closure running one full training step of ``model``."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(label: str, model_name: str, groups: int, device: str) -> nn.Module:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return baselines.step_variants(groups)[label](model_name).to(device)
+
+
+def time_model(model_name: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Median ms/step and median paired ratio to FP32 for every variant of one model."""
+    x, y = make_batch(args)
+    labels = list(baselines.step_variants(args.groups))
+    steps = {label: make_step(build(label, model_name, args.groups, args.device), x, y) for label in labels}
+    for step in steps.values():
+        for _ in range(args.warmup):
+            step()
+    sync(args.device)
+    times: dict[str, list[float]] = {label: [] for label in labels}
+    for r in range(args.repeats):
+        order = labels[r % len(labels):] + labels[: r % len(labels)]
+        for label in order:
+            sync(args.device)
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                steps[label]()
+            sync(args.device)
+            times[label].append((time.perf_counter() - t0) / args.steps * 1e3)
+    fp = times["FP32"]
+    return {
+        label: {
+            "ms": statistics.median(t),
+            "min": min(t),
+            "ratio": statistics.median([a / b for a, b in zip(t, fp)]),
+        }
+        for label, t in times.items()
+    }
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_bytes(reset_ok: bool) -> int:
+    if reset_ok:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_worker(args: argparse.Namespace) -> None:
+    """Subprocess body: peak RSS growth over ``--mem-steps`` training steps, printed as JSON."""
+    model_name, label = args.memory_worker
+    x, y = make_batch(args)
+    step = make_step(build(label, model_name, args.groups, "cpu"), x, y)
+    base = _rss_bytes()
+    reset_ok = _reset_peak_rss()
+    for _ in range(args.mem_steps):
+        step()
+    print(json.dumps({"peak_bytes": _peak_rss_bytes(reset_ok) - base, "hwm_reset": reset_ok}))
+
+
+def measure_memory(model_name: str, args: argparse.Namespace) -> dict[str, float]:
+    """Peak memory (bytes) per variant: subprocess RSS on cpu, allocator peak on cuda."""
+    out: dict[str, float] = {}
+    for label in baselines.step_variants(args.groups):
+        if args.device == "cuda":
+            x, y = make_batch(args)
+            step = make_step(build(label, model_name, args.groups, "cuda"), x, y)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            for _ in range(args.mem_steps):
+                step()
+            torch.cuda.synchronize()
+            out[label] = float(torch.cuda.max_memory_allocated() - base)
+            del step
+            torch.cuda.empty_cache()
+            continue
+        cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", model_name, label,
+               "--batch", str(args.batch), "--size", str(args.size), "--groups", str(args.groups),
+               "--mem-steps", str(args.mem_steps)]
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            print(f"memory worker failed for {model_name} / {label}:\n{res.stderr[-2000:]}", file=sys.stderr)
+            out[label] = float("nan")
+            continue
+        out[label] = float(json.loads(res.stdout.strip().splitlines()[-1])["peak_bytes"])
+    return out
+
+
+def print_table(model_name: str, timing: dict[str, dict[str, float]], memory: dict[str, float] | None) -> None:
+    head = "| variant | ms/step (median) | ms/step (min) | step ratio vs FP32 |"
+    rule = "|---|---:|---:|---:|"
+    if memory:
+        head += " peak mem (MiB) | mem ratio vs FP32 |"
+        rule += "---:|---:|"
+    print(f"\n### {model_name}\n")
+    print(head)
+    print(rule)
+    for label, t in timing.items():
+        row = f"| {label} | {t['ms']:.1f} | {t['min']:.1f} | {t['ratio']:.2f}x |"
+        if memory:
+            mem, fp = memory.get(label, float("nan")), memory.get("FP32", float("nan"))
+            row += f" {mem / 2**20:.0f} | {mem / fp:.2f}x |"
+        print(row)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_worker:
+        memory_worker(args)
+        return
+    with open("/proc/loadavg") as f:
+        load = " ".join(f.read().split()[:3])
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    print(f"# step overhead: device={device}, threads={torch.get_num_threads()}, batch={args.batch}, "
+          f"input=3x{args.size}x{args.size}, rounds={args.repeats} x {args.steps} steps, warm-up {args.warmup}, "
+          f"torch {torch.__version__}, loadavg at start {load}")
+    if not baselines.brevitas_available():
+        print(baselines.BREVITAS_MISSING)
+    for model_name in args.models:
+        timing = time_model(model_name, args)
+        memory = measure_memory(model_name, args) if args.memory else None
+        print_table(model_name, timing, memory)
+    with open("/proc/loadavg") as f:
+        print(f"\nloadavg at end {' '.join(f.read().split()[:3])}")
+    if args.memory and args.device == "cpu":
+        print("peak mem = peak RSS growth of a fresh process over the first steps (grads, optimizer state, activations)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""Smoke tests of the benchmark scripts: each runs its ``--quick`` mode and prints its table.
+
+Benchmarks are scripts, not tests: nothing here asserts a timing or an accuracy. The
+scripts are imported (not run in subprocesses) so torch and Lightning load once.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load(name: str) -> ModuleType:
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while it executes
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+
+
+def test_step_overhead_quick_prints_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load("step_overhead")
+    bench.main(["--quick", "--models", "mobilenet_v3_small", "--groups", "8"])
+    out = capsys.readouterr().out
+    assert "# step overhead: device=cpu" in out and "### mobilenet_v3_small" in out
+    rows = table_rows(out)
+    labels = list(bench.baselines.step_variants(8))
+    assert rows[0].startswith("| variant |") and len(rows) == 1 + len(labels)
+    for label, row in zip(labels, rows[1:]):
+        assert row.startswith(f"| {label} |") and row.endswith("x |")
+    assert "| FP32 |" in rows[1] and "1.00x" in rows[1]
+
+
+def test_fake_quant_throughput_quick_prints_both_tables(capsys: pytest.CaptureFixture[str]) -> None:
+    load("fake_quant_throughput").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "### weights" in out and "### activations" in out
+    rows = table_rows(out)
+    assert sum(r.startswith("| op ") for r in rows) == 2
+    assert any(r.startswith("| ours WeightQuantizer") for r in rows)
+    assert any(r.startswith("| ours ActQuantizer") for r in rows)
+    assert any(r.startswith("| torch fake_quantize_per_channel_affine") for r in rows)
+
+
+def test_accuracy_digits_quick_prints_its_table(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bench = load("accuracy_digits")
+    plain = "Brevitas W4A4" if bench.baselines.brevitas_available() else "torch.ao"
+    out_file = tmp_path / "acc.jsonl"
+    bench.main(["--quick", "--methods", "GDRQ W4A4", plain, "--out", str(out_file)])
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert rows[0].startswith("| method | top-1 %")
+    assert len(rows) == 3 and rows[1].startswith("| GDRQ W4A4") and "± 0.0 | 1 |" in rows[1]
+    assert len(out_file.read_text().splitlines()) == 2  # one JSON line per finished run
+    bench.main(["--quick", "--methods", "GDRQ W4A4", "--out", str(out_file)])  # resumes: nothing to run
+    assert "seed 0: top-1" not in capsys.readouterr().out
+
+
+def test_missing_brevitas_drops_its_rows_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
+    baselines = load("baselines")
+    monkeypatch.setattr(baselines, "brevitas_available", lambda: False)
+    assert not any("Brevitas" in label for label in baselines.step_variants(4))
+    assert "not installed" in baselines.BREVITAS_MISSING
