@@ -19,6 +19,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMPr
 from pytorch_lightning.cli import LightningCLI
 
 from .interrupt import InterruptCheckpoint
+from .progress import LineProgressBar
 
 # `gdrq data NAME DIR` -> (module, function); the library imports task code only here, lazily.
 DATA_COMMANDS: dict[str, tuple[str, str]] = {
@@ -31,7 +32,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointE
 class GDRQCLI(LightningCLI):
     """LightningCLI with an always-present ``ModelCheckpoint`` (``--checkpoint.*``) that
     keeps ``last.ckpt``, an :class:`InterruptCheckpoint` (SIGINT/SIGTERM -> ``interrupted.ckpt``),
-    W&B offline as the default logger and a Rich progress bar on terminals."""
+    W&B offline as the default logger, Rich's progress bar on terminals and one line per
+    epoch (:class:`LineProgressBar`) when the output is a file."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
@@ -40,9 +42,10 @@ class GDRQCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:  # type: ignore[override]
         trainer = super().instantiate_trainer(**kwargs)
-        for i, cb in enumerate(trainer.callbacks):
-            if type(cb) is TQDMProgressBar and sys.stdout.isatty():
-                trainer.callbacks[i] = RichProgressBar()
+        if not sys.stdout.isatty():  # a log file: one line per epoch instead of a redrawn bar
+            for i, cb in enumerate(trainer.callbacks):
+                if type(cb) in (RichProgressBar, TQDMProgressBar):
+                    trainer.callbacks[i] = LineProgressBar()
         return trainer
 
 

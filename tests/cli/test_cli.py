@@ -96,8 +96,14 @@ def test_data_help(capsys: pytest.CaptureFixture) -> None:
 
 # -- the console script ------------------------------------------------------------------------
 def test_gdrq_fit_digits_end_to_end(tmp_path: Path) -> None:
-    proc = gdrq(["fit", "--config", DIGITS_GDRQ, *TINY_RUN], tmp_path)
+    i = TINY_RUN.index("--trainer.enable_progress_bar")
+    with_bar = TINY_RUN[:i] + TINY_RUN[i + 2:]
+    proc = gdrq(["fit", "--config", DIGITS_GDRQ, *with_bar], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # stdout is a pipe, not a terminal: one readable line per epoch instead of a redrawn bar
+    epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("[epoch ")]
+    assert len(epoch_lines) == 1 and epoch_lines[0].startswith("[epoch 1/1] 2 steps, "), proc.stdout[-2000:]
+    assert "| val/acc1 " in epoch_lines[0] and "\r" not in proc.stdout
     assert "[gdrq] quantized 28 layers (gdrq W4A4)" in proc.stderr
     assert "[gdrq] val/acc1 at the end of each phase -> fp: " in proc.stderr
     last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
