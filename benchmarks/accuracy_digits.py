@@ -203,7 +203,7 @@ def selected(args: argparse.Namespace) -> list[Method]:
 
 
 def print_table(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> None:
-    print(f"\n| method | top-1 % (mean ± std) | seeds | per seed | s/run |")
+    print("\n| method | top-1 % (mean ± std) | seeds | per seed | s/run |")
     print("|---|---:|---:|---|---:|")
     for m in selected(args):
         runs = results.get(m.label, {})

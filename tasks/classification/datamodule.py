@@ -103,7 +103,24 @@ def checked_image_loader(path: str) -> Image.Image:
         raise ValueError(f"cannot read image {path}: not a valid image file ({e})") from None
 
 
-class ImageFolderDataModule(pl.LightningDataModule):
+class _FolderDataModule(pl.LightningDataModule):
+    """Loaders over ``self.train_set`` / ``self.val_set`` (set in ``setup``) from
+    ``batch_size`` / ``num_workers`` hyper-parameters."""
+
+    def train_dataloader(self) -> DataLoader:
+        h = self.hparams
+        # drop the ragged last batch (BN statistics), unless that would leave a small set with none
+        drop_last = len(self.train_set) > h.batch_size
+        return DataLoader(self.train_set, batch_size=h.batch_size, shuffle=True, num_workers=h.num_workers, drop_last=drop_last, persistent_workers=h.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        h = self.hparams
+        return DataLoader(self.val_set, batch_size=h.batch_size, num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
+
+    test_dataloader = val_dataloader
+
+
+class ImageFolderDataModule(_FolderDataModule):
     """ImageNet-style folders ``train_dir/<class>/*.jpg`` and ``val_dir/<class>/*.jpg``.
 
     Args:
@@ -129,16 +146,6 @@ class ImageFolderDataModule(pl.LightningDataModule):
             raise ValueError(f"class folders differ between {h.train_dir} and {h.val_dir}")
         self.num_classes = len(self.train_set.classes)
 
-    def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return DataLoader(self.train_set, batch_size=h.batch_size, shuffle=True, num_workers=h.num_workers, drop_last=True, persistent_workers=h.num_workers > 0)
-
-    def val_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return DataLoader(self.val_set, batch_size=h.batch_size, num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
-
-    test_dataloader = val_dataloader
-
 
 def _image_folder(root: str, transform: T.Compose) -> datasets.ImageFolder:
     if not os.path.isdir(root):
@@ -149,7 +156,7 @@ def _image_folder(root: str, transform: T.Compose) -> datasets.ImageFolder:
         raise FileNotFoundError(f"no class folders with images in {root}: {e}") from None
 
 
-class CIFAR10DataModule(pl.LightningDataModule):
+class CIFAR10DataModule(_FolderDataModule):
     """CIFAR-10 from a local folder holding ``cifar-10-batches-py/`` (never downloaded).
 
     Args:
@@ -171,13 +178,3 @@ class CIFAR10DataModule(pl.LightningDataModule):
         norm = [T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(CIFAR_MEAN, CIFAR_STD)]
         self.train_set = datasets.CIFAR10(root, train=True, download=False, transform=T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *norm]))
         self.val_set = datasets.CIFAR10(root, train=False, download=False, transform=T.Compose(norm))
-
-    def train_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return DataLoader(self.train_set, batch_size=h.batch_size, shuffle=True, num_workers=h.num_workers, drop_last=True, persistent_workers=h.num_workers > 0)
-
-    def val_dataloader(self) -> DataLoader:
-        h = self.hparams
-        return DataLoader(self.val_set, batch_size=h.batch_size, num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
-
-    test_dataloader = val_dataloader

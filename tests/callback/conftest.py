@@ -6,7 +6,7 @@ steps. One intra-op thread per test (as in ``tests/quant``): faster on a shared 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,6 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from gdrq_lightning import monitoring
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_net() -> nn.Module:

@@ -10,15 +10,6 @@ from torch import nn
 from gdrq_lightning import QuantConfig, quantize_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The test machine is small and shared; one thread is faster and deterministic."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyNet(nn.Module):
     """conv-bn-relu x3 -> pool -> linear; every layer has 8 output channels."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,6 @@ from gdrq_lightning import monitoring
 from tasks.classification import ClassificationModule, DigitsDataModule
 
 IMAGE_SIZE = 16
-
-
-@pytest.fixture(autouse=True)
-def _seed_and_threads() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(threads)
 
 
 def digits_batch(n: int = 8) -> torch.Tensor:

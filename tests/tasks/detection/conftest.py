@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tasks.detection import DetectionModule, make_digits_coco
@@ -16,16 +15,6 @@ TINY_MODEL = dict(
     fpn_channels=32, representation_size=64, box_batch_size_per_image=32, rpn_proposals_train=64,
     rpn_proposals_test=64, lr=0.01,
 )
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy shared CPU
-    oversubscribed OpenMP threads make these tests several times slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

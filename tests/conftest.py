@@ -1,7 +1,7 @@
-"""Quantization-core tests: a fixed random state and one intra-op thread each.
+"""Every test: a fixed random state and one intra-op thread.
 
-The models here are tiny; on a shared CPU one thread avoids oversubscription and is
-several times faster. Both settings are restored after each test.
+The models here are tiny; on a small shared CPU one thread avoids OpenMP
+oversubscription and is several times faster. Both settings are restored after each test.
 """
 from collections.abc import Iterator
 
