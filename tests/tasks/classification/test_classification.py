@@ -141,6 +141,17 @@ def test_image_folder_trains_one_step(tmp_path: Path) -> None:
     assert trainer.global_step == 1 and torch.isfinite(trainer.callback_metrics["val/loss"])
 
 
+def test_image_folder_smaller_than_a_batch_still_trains(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "train", per_class=2)
+    write_image_folder(tmp_path / "val", per_class=1)
+    dm = ImageFolderDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=16, batch_size=64, num_workers=0)
+    dm.setup("fit")
+    assert [len(y) for _, y in dm.train_dataloader()] == [4]  # not zero batches (drop_last)
+    dm = ImageFolderDataModule(str(tmp_path / "train"), str(tmp_path / "val"), image_size=16, batch_size=3, num_workers=0)
+    dm.setup("fit")
+    assert [len(y) for _, y in dm.train_dataloader()] == [3]  # larger sets drop the ragged batch
+
+
 def test_image_folder_errors_name_the_path(tmp_path: Path) -> None:
     write_image_folder(tmp_path / "train")
     bad = tmp_path / "train" / "b" / "broken.jpg"
