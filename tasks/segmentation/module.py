@@ -15,7 +15,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.utilities import rank_zero_info
 from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
@@ -165,7 +164,7 @@ class SegmentationModule(pl.LightningModule):
         return self(images).argmax(dim=1)
 
     # ----------------------------------------------------------------- epoch ends
-    def _log_metrics(self, confmat: MulticlassConfusionMatrix, stage: str) -> dict[str, float]:
+    def _log_metrics(self, confmat: MulticlassConfusionMatrix, stage: str) -> None:
         cm = confmat.compute()  # summed over DDP ranks
         confmat.reset()
         iou = iou_per_class(cm)
@@ -173,16 +172,15 @@ class SegmentationModule(pl.LightningModule):
         for name, value in zip(self.class_names, iou):
             if not torch.isnan(value):
                 metrics[f"{stage}/iou_{_metric_name(name)}"] = value
+        headline = {k: metrics.pop(k) for k in (f"{stage}/mIoU", f"{stage}/pixel_acc")}
+        self.log_dict(headline, prog_bar=True)  # shown by the progress bar / the per-epoch log line
         self.log_dict(metrics)
-        return {k: float(v) for k, v in metrics.items()}
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self._log_metrics(self.val_confmat, "val")
+        self._log_metrics(self.val_confmat, "val")
         if self.trainer.sanity_checking:
             self._vis = None
             return
-        rank_zero_info(f"epoch {self.current_epoch}: val/mIoU={metrics['val/mIoU']:.4f} "
-                       f"val/pixel_acc={metrics['val/pixel_acc']:.4f}")
         if self._vis is not None and self.trainer.is_global_zero:
             self._save_predictions(*self._vis)
         self._vis = None
