@@ -72,3 +72,16 @@ def test_missing_brevitas_drops_its_rows_with_a_note(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(baselines, "brevitas_available", lambda: False)
     assert not any("Brevitas" in label for label in baselines.step_variants(4))
     assert "not installed" in baselines.BREVITAS_MISSING
+
+
+def test_profile_step_quick_prints_the_op_table(capsys: pytest.CaptureFixture[str]) -> None:
+    load("profile_step").main(["--quick", "--model", "mobilenet_v3_small", "--top", "5"])
+    out = capsys.readouterr().out
+    assert "# profile: mobilenet_v3_small" in out and "ours GDRQ W4A4 G=8" in out
+    rows = table_rows(out)
+    assert rows[0].startswith("| op |") and len(rows) == 1 + 5
+
+
+def test_profile_step_rejects_an_unknown_variant() -> None:
+    with pytest.raises(SystemExit):
+        load("profile_step").main(["--quick", "--variant", "no such tool"])
