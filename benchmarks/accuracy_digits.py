@@ -92,6 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, default=1, help="full-precision epochs before quantization starts")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=None, help="labels (or substrings) of the rows to run")
+    p.add_argument("--skip", nargs="+", default=[], help="labels (or substrings) of rows to leave out")
     p.add_argument("--limit-train-batches", type=int, default=None)
     p.add_argument("--limit-val-batches", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 on a shared machine)")
@@ -199,6 +200,7 @@ def selected(args: argparse.Namespace) -> list[Method]:
     methods = [m for m in METHODS if m.kind != "brevitas" or baselines.brevitas_available()]
     if args.methods:
         methods = [m for m in methods if any(s.lower() in m.label.lower() for s in args.methods)]
+    methods = [m for m in methods if not any(s.lower() in m.label.lower() for s in args.skip)]
     return methods
 
 
