@@ -59,6 +59,8 @@ def load_quantized_module(path: str) -> pl.LightningModule:
     except (ImportError, AttributeError, ValueError):
         raise CheckpointError(f"{path}: cannot import the module class {class_path!r}") from None
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    # the checkpoint's own weights replace any starting weights: don't require those files here
+    hparams.update({k: None for k in ("pretrained", "pretrained_backbone") if k in hparams})
     module = cls(**hparams)
     config = QuantConfig(**state["config"])
     quantize_model(quant_target(module), resolve_config(config, module))

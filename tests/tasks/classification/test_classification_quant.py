@@ -88,6 +88,18 @@ def test_load_quantized_module_reproduces_the_trained_module(gdrq_checkpoint, di
         assert_close(module(digits_x), logits, atol=0, rtol=0)
 
 
+def test_rebuild_does_not_need_the_starting_weights_file(gdrq_checkpoint, digits_x, tmp_path: Path) -> None:
+    """A fine-tuned checkpoint names its starting weights (``pretrained``); export on another
+    machine must not need that file, as the checkpoint's own weights replace them."""
+    path, logits = gdrq_checkpoint
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt["hyper_parameters"]["pretrained"] = str(tmp_path / "gone" / "fp32.ckpt")
+    moved = tmp_path / "finetuned.ckpt"
+    torch.save(ckpt, moved)
+    with torch.no_grad():
+        assert_close(load_quantized_module(str(moved))(digits_x), logits, atol=0, rtol=0)
+
+
 def test_truncated_checkpoint_is_a_checkpoint_error_naming_the_file(gdrq_checkpoint, tmp_path: Path) -> None:
     data = gdrq_checkpoint[0].read_bytes()
     bad = tmp_path / "truncated.ckpt"
