@@ -31,7 +31,8 @@ def test_config_builds(path: Path) -> None:
     cfg = yaml.safe_load(path.read_text())
     assert "logger" not in cfg["trainer"]  # the CLI supplies W&B (offline)
     assert cfg["model"]["class_path"] == "tasks.segmentation.SegmentationModule"
-    module = SegmentationModule(**cfg["model"]["init_args"])
+    # the fine-tuning configs start from a checkpoint another config writes (checked below)
+    module = SegmentationModule(**{k: v for k, v in cfg["model"]["init_args"].items() if k != "pretrained"})
     dm = DATA[cfg["data"]["class_path"]](**cfg["data"]["init_args"])
     assert dm.num_classes == module.num_classes
     callbacks = cfg["trainer"].get("callbacks") or []
@@ -48,19 +49,24 @@ def test_config_builds(path: Path) -> None:
 
 
 def test_digits_quickstart_pairs_match() -> None:
-    """FP32 and GDRQ quickstarts differ only in the callback (same epochs, data, optimizer)."""
+    """The from-scratch GDRQ configs differ from FP32 only in the callback (same epochs, data,
+    optimizer); the quickstart GDRQ configs fine-tune the checkpoint the FP32 config writes."""
     for arch in ("fcn", "pspnet"):
         fp = yaml.safe_load((CONFIG_DIR / f"digits_voc_{arch}_fp32.yaml").read_text())
-        q = yaml.safe_load((CONFIG_DIR / f"digits_voc_{arch}_gdrq_w4a4.yaml").read_text())
-        q["trainer"].pop("callbacks")
-        assert q == fp
+        scratch = yaml.safe_load((CONFIG_DIR / f"digits_voc_{arch}_gdrq_w4a4_scratch.yaml").read_text())
+        scratch["trainer"].pop("callbacks")
+        assert scratch == {k: v for k, v in fp.items() if k != "checkpoint"}
+        tuned = yaml.safe_load((CONFIG_DIR / f"digits_voc_{arch}_gdrq_w4a4.yaml").read_text())
+        assert tuned["model"]["init_args"]["pretrained"] == fp["checkpoint"]["dirpath"] + "/last.ckpt"
+        assert tuned["checkpoint"]["dirpath"] != fp["checkpoint"]["dirpath"]
+        assert tuned["data"] == fp["data"] and tuned["model"]["init_args"]["arch"] == fp["model"]["init_args"]["arch"]
 
 
 def test_gdrq_fit_through_the_cli(tiny_voc: Path, tmp_path: Path) -> None:
     from gdrq_lightning.cli import main
 
     args = [
-        "gdrq", "fit", "--config", str(CONFIG_DIR / "digits_voc_pspnet_gdrq_w4a4.yaml"),
+        "gdrq", "fit", "--config", str(CONFIG_DIR / "digits_voc_pspnet_gdrq_w4a4_scratch.yaml"),
         "--data.root", str(tiny_voc), "--data.batch_size", "2", "--data.crop_size", "24",
         "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
