@@ -222,9 +222,22 @@ def print_table(results: dict[str, dict[int, dict]], args: argparse.Namespace) -
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore")
+    # quiet Lightning for the sweep, and leave the caller's logging / warnings as they were
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning.pytorch")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sweep(args)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def sweep(args: argparse.Namespace) -> None:
+    """Run every selected (method, seed) not yet in ``--out`` and print the table."""
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
     print(f"# digits accuracy: {MODEL} {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, {args.epochs} epochs "

@@ -85,3 +85,12 @@ def test_profile_step_quick_prints_the_op_table(capsys: pytest.CaptureFixture[st
 def test_profile_step_rejects_an_unknown_variant() -> None:
     with pytest.raises(SystemExit):
         load("profile_step").main(["--quick", "--variant", "no such tool"])
+
+
+def test_accuracy_digits_leaves_lightning_logging_as_it_was(tmp_path: Path) -> None:
+    import logging
+
+    logger = logging.getLogger("pytorch_lightning")
+    before = logger.level
+    load("accuracy_digits").main(["--quick", "--methods", "GDRQ W4A4", "--out", str(tmp_path / "acc.jsonl")])
+    assert logger.level == before  # later tests read Lightning's INFO messages
