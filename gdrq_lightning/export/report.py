@@ -117,6 +117,34 @@ def _at_ties(act: QDQAct, x: Tensor, flipped: Tensor) -> int:
     return int(((u - u.floor() - 0.5).abs() < 1e-3).logical_or(u.abs() < 1e-3).sum())
 
 
+class MainOutput(nn.Module):
+    """``model(x)["out"]``: the main map of a torchvision-style segmentation model
+    (FCN, DeepLab, our PSPNet return ``{"out": …, "aux": …}``), as one exportable tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)["out"]
+
+
+def single_output(model: nn.Module, example: Tensor) -> nn.Module:
+    """``model`` if it returns one tensor, :class:`MainOutput` around it if it returns a
+    mapping with ``"out"``; anything else (e.g. detection's per-image box lists) is refused."""
+    with torch.no_grad():
+        out = copy.deepcopy(model).cpu().float().eval()(example)
+    if isinstance(out, Tensor):
+        return model
+    if isinstance(out, dict) and isinstance(out.get("out"), Tensor):
+        return MainOutput(model)
+    kind = type(out).__name__ + (f" of {type(out[0]).__name__}" if isinstance(out, (list, tuple)) and out else "")
+    raise TypeError(
+        f"export needs a model that returns one tensor (classifier logits) or a dict with an 'out' "
+        f"tensor (segmentation); this one returns a {kind} (detection models are not exportable yet)"
+    )
+
+
 def _cpu_batch(example_input: Tensor) -> Tensor:
     if not isinstance(example_input, Tensor):
         raise TypeError(f"example_input must be a Tensor (one batch), got {type(example_input).__name__}")
@@ -136,7 +164,8 @@ def export_model(
     """The whole ``gdrq export`` job: integer file, ONNX file and a JSON report in ``out_dir``.
 
     Works on a CPU copy in eval mode; ``model`` itself is not changed. ``model(x)`` must
-    return a single tensor (classifier logits, segmentation maps).
+    return a single tensor (classifier logits) or a dict with an ``"out"`` tensor
+    (torchvision-style segmentation models: the main map is exported, ``"aux"`` dropped).
 
     Args:
         model: the quantized model (``quantize_model`` result with trained weights).
@@ -160,7 +189,7 @@ def export_model(
         gen = torch.Generator().manual_seed(0)
         check_input = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=gen)
     x = _cpu_batch(check_input)
-    reference = copy.deepcopy(model).cpu().float().eval()
+    reference = copy.deepcopy(single_output(model, example)).cpu().float().eval()
     folded, pairing = fold_with_pairing(reference)
     qdq = build_qdq_model(folded, example)
     files = {"integer": str(out / f"{stem}_int.pt")}

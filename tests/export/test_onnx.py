@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
 from gdrq_lightning.export import export_model, run_onnxruntime, to_onnx
 from gdrq_lightning.export.fold import fold_groups_into_bn
@@ -178,3 +179,36 @@ def test_relu6_upper_bound_survives_export(method, tmp_path):
     expected = model(x).detach()
     assert float(expected.max()) <= 6.0
     torch.testing.assert_close(run_onnxruntime(tmp_path / "r6.onnx", x), expected, rtol=0, atol=1e-6)
+
+
+class _SegNet(nn.Module):
+    """A torchvision-style segmentation model: ``{"out": main map, "aux": auxiliary map}``."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.body.features(x)
+        return {"out": y[:, :4], "aux": y[:, 4:]}
+
+
+def test_export_model_takes_the_main_map_of_a_segmentation_model(models, tmp_path):
+    model = _SegNet(models.tiny(method="gdrq", weight_bits=4, act_bits=4, groups=4))
+    report = export_model(model, torch.zeros(1, 3, 16, 16), tmp_path / "seg")
+    assert report["outputs"]["onnxruntime_vs_onnx_form"] <= 1e-5 * report["outputs"]["output_abs_max"]
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.eval()(x)["out"]
+    ort = run_onnxruntime(tmp_path / "seg" / "model.onnx", x)
+    assert ort.shape == expected.shape == (2, 4, 8, 8)
+    assert (ort - expected).abs().max() <= 0.05 * expected.abs().max()  # same map, up to level flips at ties
+
+
+def test_export_model_refuses_list_outputs_with_a_clear_error(tmp_path):
+    class Boxes(nn.Module):
+        def forward(self, x: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+            return [{"boxes": x.new_zeros(0, 4)} for _ in x]
+
+    with pytest.raises(TypeError, match="returns a list of dict"):
+        export_model(Boxes(), torch.zeros(1, 3, 8, 8), tmp_path / "det")
