@@ -177,7 +177,7 @@ class ActQuantizer(_Switches):
         self.hwgq_backward = cfg.hwgq_backward.value
         self.hwgq_step = cfg.hwgq_step or (P.hwgq_optimal_step(self.bits) if self.method == Method.hwgq else None)
         self.pact_decay = cfg.pact_decay
-        # Statistics for the threshold methods: EMA of mean|a| (Scale-Clip) and of max a.
+        # Statistics for the threshold methods: EMA of mean|a| (Scale-Clip) or of max a (group).
         self.register_buffer("running_abs_mean", torch.zeros(self.act_groups))
         self.register_buffer("running_max", torch.zeros(self.act_groups))
         self.register_buffer("initialized", torch.tensor(False))
@@ -236,8 +236,11 @@ class ActQuantizer(_Switches):
 
     @torch.no_grad()
     def _observe(self, y: Tensor) -> None:
+        # only the statistic this method's threshold reads (one pass over ``y``, not two);
+        # the other buffer stays 0
+        scale_clip = self.uses_scale_clip
         if self.act_groups == 1:
-            stats = torch.stack([y.mean(), y.amax()]).float()
+            stats = (y.mean() if scale_clip else y.amax()).reshape(1).float()
         else:
             if y.dim() < 2 or y.shape[1] % self.act_groups:
                 raise ValueError(
@@ -245,15 +248,13 @@ class ActQuantizer(_Switches):
                     f"{y.shape[1] if y.dim() > 1 else 1} channels"
                 )
             per_group = y.transpose(0, 1).reshape(self.act_groups, -1)
-            stats = torch.stack([per_group.mean(dim=1), per_group.amax(dim=1)]).float()
+            stats = (per_group.mean(dim=1) if scale_clip else per_group.amax(dim=1)).float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)  # every rank keeps the same thresholds
             stats /= dist.get_world_size()
-        mean, mx = stats[0].reshape(-1), stats[1].reshape(-1)
+        running = self.running_abs_mean if scale_clip else self.running_max
         # ``where`` on the flag instead of ``if self.initialized``: no host-device sync
-        first = ~self.initialized
-        self.running_abs_mean.copy_(torch.where(first, mean, self.running_abs_mean.lerp(mean, self.momentum)))
-        self.running_max.copy_(torch.where(first, mx, self.running_max.lerp(mx, self.momentum)))
+        running.copy_(torch.where(~self.initialized, stats, running.lerp(stats, self.momentum)))
         self.initialized.fill_(True)
 
     def _lsq(self, y: Tensor) -> Tensor:
