@@ -1,10 +1,6 @@
 """Two-process DDP on CPU (gloo): quantizer statistics stay identical across ranks."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 SCRIPT = textwrap.dedent(
@@ -38,14 +34,8 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_two_cpu_processes_share_quantizer_statistics(tmp_path):
-    script = tmp_path / "ddp_train.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "result.json"
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+def test_ddp_two_cpu_processes_share_quantizer_statistics(run_ddp):
+    result = run_ddp(SCRIPT)
     assert result["world"] == 2
     assert result["n"] > 0 and result["nonzero"]
     assert result["equal"], "EMA thresholds differ between ranks"

@@ -4,9 +4,6 @@ backbone's activation-quantizer statistics stay identical across ranks."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 from tasks.detection import make_digits_coco
@@ -52,17 +49,10 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_detection_evaluates_all_images_once_with_synced_quantizers(tmp_path):
+def test_ddp_detection_evaluates_all_images_once_with_synced_quantizers(tmp_path, run_ddp):
     root = make_digits_coco(tmp_path / "coco", num_train=8, num_val=5, canvas=64, seed=0)
     val_ids = sorted(img["id"] for img in json.loads((root / "annotations/instances_val.json").read_text())["images"])
-    script = tmp_path / "ddp_detection.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "result.json"
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, str(script), str(root), str(out)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_ddp(SCRIPT, str(root))
     assert result["world"] == 2
     r0, r1 = result["ranks"]
     # each rank saw 3 of the 5 images (DistributedSampler pads with a repeat); COCOeval gets all 5 once

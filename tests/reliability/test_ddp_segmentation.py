@@ -3,10 +3,6 @@ every labelled validation pixel once (each rank saw half the images), both ranks
 same mIoU, and the activation-quantizer statistics stay identical across ranks."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -51,18 +47,11 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def test_ddp_segmentation_counts_every_val_pixel_once_with_synced_quantizers(tmp_path):
+def test_ddp_segmentation_counts_every_val_pixel_once_with_synced_quantizers(tmp_path, run_ddp):
     root = make_digits_voc(tmp_path / "voc", num_train=4, num_val=4, canvas=32, min_size=10, max_size=16, seed=0)
     names = (root / "ImageSets/Segmentation/val.txt").read_text().split()
     labelled = sum(int((np.asarray(Image.open(root / "SegmentationClass" / f"{n}.png")) != 255).sum()) for n in names)
-    script = tmp_path / "ddp_segmentation.py"
-    script.write_text(SCRIPT)
-    out = tmp_path / "result.json"
-    env = dict(os.environ, PYTHONPATH=os.getcwd(), OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, str(script), str(root), str(out)], capture_output=True, text=True,
-                          env=env, cwd=tmp_path, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = run_ddp(SCRIPT, str(root))
     assert result["world"] == 2
     r0, r1 = result["ranks"]
     assert r0["local_batches"] == r1["local_batches"] == len(names) // 2  # each rank saw half
