@@ -130,10 +130,11 @@ class MainOutput(nn.Module):
 
 
 def single_output(model: nn.Module, example: Tensor) -> nn.Module:
-    """``model`` if it returns one tensor, :class:`MainOutput` around it if it returns a
-    mapping with ``"out"``; anything else (e.g. detection's per-image box lists) is refused."""
+    """``model`` (in eval mode, on ``example``'s device) if it returns one tensor,
+    :class:`MainOutput` around it if it returns a mapping with ``"out"``; anything else
+    (e.g. detection's per-image box lists) is refused."""
     with torch.no_grad():
-        out = copy.deepcopy(model).cpu().float().eval()(example)
+        out = model(example)
     if isinstance(out, Tensor):
         return model
     if isinstance(out, dict) and isinstance(out.get("out"), Tensor):
@@ -189,7 +190,7 @@ def export_model(
         gen = torch.Generator().manual_seed(0)
         check_input = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=gen)
     x = _cpu_batch(check_input)
-    reference = copy.deepcopy(single_output(model, example)).cpu().float().eval()
+    reference = single_output(copy.deepcopy(model).cpu().float().eval(), example)
     folded, pairing = fold_with_pairing(reference)
     qdq = build_qdq_model(folded, example)
     files = {"integer": str(out / f"{stem}_int.pt")}
