@@ -57,14 +57,30 @@ def test_accuracy_digits_quick_prints_its_table(capsys: pytest.CaptureFixture[st
     bench = load("accuracy_digits")
     plain = "Brevitas W4A4" if bench.baselines.brevitas_available() else "torch.ao"
     out_file = tmp_path / "acc.jsonl"
-    bench.main(["--quick", "--methods", "GDRQ W4A4", plain, "--out", str(out_file)])
+    bench.main(["--quick", "--methods", "GDRQ W4A4 (G=4)", plain, "--out", str(out_file)])
     out = capsys.readouterr().out
     rows = table_rows(out)
     assert rows[0].startswith("| method | top-1 %")
     assert len(rows) == 3 and rows[1].startswith("| GDRQ W4A4") and "± 0.0 | 1 |" in rows[1]
     assert len(out_file.read_text().splitlines()) == 2  # one JSON line per finished run
-    bench.main(["--quick", "--methods", "GDRQ W4A4", "--out", str(out_file)])  # resumes: nothing to run
+    bench.main(["--quick", "--methods", "GDRQ W4A4 (G=4)", "--out", str(out_file)])  # resumes: nothing to run
     assert "seed 0: top-1" not in capsys.readouterr().out
+
+
+def test_accuracy_digits_selects_exact_labels_and_stages_gdrq() -> None:
+    bench = load("accuracy_digits")
+    labels = [m.label for m in bench.selected(bench.parse_args(["--methods", "GDRQ W2A4 (G=4)"]))]
+    assert labels == ["GDRQ W2A4 (G=4)"]  # an exact label does not also pick "..., all at once"
+    labels = [m.label for m in bench.selected(bench.parse_args(["--methods", "GDRQ W2A4", "--skip", "once"]))]
+    assert labels == ["GDRQ W2A4 (G=4)"]
+    args = bench.parse_args(["--epochs", "8", "--warmup-epochs", "1"])
+    rows = {m.label: m for m in bench.METHODS}
+    staged = bench.schedule_for(rows["GDRQ W4A4 (G=4)"], args)
+    at_once = bench.schedule_for(rows["GDRQ W4A4 (G=4), all at once"], args)
+    assert (staged.scale_clip, staged.quant_weights, staged.quant_acts, staged.groups) == (1, 2, 2, 2)
+    assert (at_once.scale_clip, at_once.quant_weights, at_once.groups) == (1, 1, 1)
+    assert bench.schedule_for(rows["PACT W4A4"], args).quant_weights == 1
+    assert staged.freeze_bn is None
 
 
 def test_missing_brevitas_drops_its_rows_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
