@@ -19,6 +19,15 @@ linear weights only), per-step cosine schedule, batch 32 and seeds for every row
   (sharing the Parameters, so the optimizer state carries over).
   "FP32 (plain loop)" is a control row: it shows what the loop itself contributes.
 
+Two protocols:
+
+* from scratch (default): every row starts from the same random initialisation and trains
+  ``--epochs`` at lr 0.05, quantizing after ``--warmup-epochs``;
+* fine-tune (``--pretrain-epochs P``): per seed, FP32 is first trained ``P`` epochs at lr 0.05
+  (once, cached in ``--cache-dir``); every row then starts from that model and trains
+  ``--epochs`` more at ``--lr`` (default a tenth, 0.005) — the usual QAT setting, and the
+  one the GDRQ, PACT and LSQ papers report. The FP32 row is the same model trained on.
+
 Accuracy is measured once, on the validation split, after the last epoch
 (torch.ao: fake-quant model with observers frozen, not the converted int8 model).
 Results are appended to ``--out`` (JSON lines) as they finish, and runs already in
@@ -26,11 +35,13 @@ that file are skipped, so an interrupted run can be resumed.
 
 Usage:
     python benchmarks/accuracy_digits.py --epochs 4 --seeds 0 1 2 --out /tmp/acc.jsonl
+    python benchmarks/accuracy_digits.py --pretrain-epochs 10 --epochs 4 --warmup-epochs 0 --out /tmp/ft.jsonl
     python benchmarks/accuracy_digits.py --quick
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import math
@@ -101,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=None, help="labels (or substrings) of the rows to run")
     p.add_argument("--skip", nargs="+", default=[], help="labels (or substrings) of rows to leave out")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="fine-tune protocol: start every row from FP32 trained this many epochs (0: from scratch)")
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"learning rate of the rows (default {LR} from scratch, {LR / 10:g} when fine-tuning)")
+    p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gdrq_bench_fp32"),
+                   help="where the pretrained FP32 models of --pretrain-epochs are kept between runs")
     p.add_argument("--limit-train-batches", type=int, default=None)
     p.add_argument("--limit-val-batches", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 on a shared machine)")
@@ -112,6 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.limit_train_batches, args.limit_val_batches = 2, 1
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs={args.warmup_epochs} must be in [0, --epochs={args.epochs})")
+    if args.pretrain_epochs < 0:
+        p.error(f"--pretrain-epochs={args.pretrain_epochs} must be >= 0")
+    if args.lr is None:
+        args.lr = LR / 10 if args.pretrain_epochs else LR
     return args
 
 
@@ -132,11 +153,37 @@ def schedule_for(method: Method, args: argparse.Namespace) -> Schedule:
     return Schedule(scale_clip=w, quant_weights=q, quant_acts=q, groups=q, freeze_bn=None)
 
 
+def pretrained_fp32(seed: int, args: argparse.Namespace) -> str | None:
+    """Path of this seed's FP32 model trained ``--pretrain-epochs`` at lr 0.05; trained once, shared by processes."""
+    if not args.pretrain_epochs:
+        return None
+    os.makedirs(args.cache_dir, exist_ok=True)
+    limit = "" if args.limit_train_batches is None else f"_limit{args.limit_train_batches}"
+    path = os.path.join(args.cache_dir, f"fp32_{MODEL}_seed{seed}_{args.pretrain_epochs}ep{limit}.pt")
+    with open(path + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here instead of training it again
+        if not os.path.exists(path):
+            fp32 = next(m for m in METHODS if m.label == "FP32")
+            module, acc = _fit_ours(fp32, seed, args, epochs=args.pretrain_epochs, lr=LR, pretrained=None)
+            torch.save(module.model.state_dict(), path + ".tmp")
+            os.replace(path + ".tmp", path)
+            print(f"  pretrained FP32 seed {seed}: {args.pretrain_epochs} epochs, top-1 {100 * acc:.2f}% -> {path}",
+                  flush=True)
+    return path
+
+
 def run_ours(method: Method, seed: int, args: argparse.Namespace) -> float:
     """Lightning + GDRQCallback; returns validation top-1 after the last epoch."""
+    pretrained = pretrained_fp32(seed, args)
+    return _fit_ours(method, seed, args, epochs=args.epochs, lr=args.lr, pretrained=pretrained)[1]
+
+
+def _fit_ours(method: Method, seed: int, args: argparse.Namespace, *, epochs: int, lr: float,
+              pretrained: str | None) -> tuple[ClassificationModule, float]:
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=BATCH)
-    module = ClassificationModule(MODEL, num_classes=10, lr=LR, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM)
+    module = ClassificationModule(MODEL, num_classes=10, lr=lr, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM,
+                                  pretrained=pretrained)
     callbacks = []
     if method.config["method"] != "none":
         schedule = schedule_for(method, args)
@@ -145,13 +192,13 @@ def run_ours(method: Method, seed: int, args: argparse.Namespace) -> float:
         callbacks.append(GDRQCallback(QuantConfig(**method.config), schedule, plot_layer=_NO_PLOTS))
     trainer = pl.Trainer(
         default_root_dir=tempfile.mkdtemp(prefix="gdrq_bench_"),
-        max_epochs=args.epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
+        max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, check_val_every_n_epoch=args.epochs,
+        num_sanity_val_steps=0, check_val_every_n_epoch=epochs,
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
     )
     trainer.fit(module, datamodule=dm)
-    return float(trainer.callback_metrics["val/acc1"])
+    return module, float(trainer.callback_metrics["val/acc1"])
 
 
 def _cosine(step: int, total: int) -> float:
@@ -163,10 +210,13 @@ def run_plain(method: Method, seed: int, args: argparse.Namespace) -> float:
     """Plain loop for the FP32 control, torch.ao QAT and Brevitas; returns validation top-1."""
     import torch.ao.quantization as tq
 
+    pretrained = pretrained_fp32(seed, args)
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=BATCH)
     dm.setup("fit")
     model: nn.Module = torchvision.models.get_model(MODEL, weights=None, num_classes=10)  # same RNG use as the module
+    if pretrained:
+        model.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
     if method.kind == "torch_ao":
         fp_state = model.state_dict()
         model = baselines._quantizable(MODEL, 10)
@@ -180,7 +230,7 @@ def run_plain(method: Method, seed: int, args: argparse.Namespace) -> float:
         if args.warmup_epochs:
             model.apply(tq.disable_fake_quant)
             model.apply(tq.disable_observer)
-    opt = torch.optim.SGD(param_groups(model, WEIGHT_DECAY), lr=LR, momentum=MOMENTUM, nesterov=True)
+    opt = torch.optim.SGD(param_groups(model, WEIGHT_DECAY), lr=args.lr, momentum=MOMENTUM, nesterov=True)
     n_batches = len(dm.train_dataloader())
     if args.limit_train_batches is not None:
         n_batches = min(n_batches, args.limit_train_batches)
@@ -197,7 +247,7 @@ def run_plain(method: Method, seed: int, args: argparse.Namespace) -> float:
         model.train()
         for x, y in _limited(dm.train_dataloader(), args.limit_train_batches):
             for g in opt.param_groups:
-                g["lr"] = LR * _cosine(step, total)
+                g["lr"] = args.lr * _cosine(step, total)
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x), y).backward()
             opt.step()
@@ -263,22 +313,27 @@ def sweep(args: argparse.Namespace) -> None:
     """Run every selected (method, seed) not yet in ``--out`` and print the table."""
     with open("/proc/loadavg") as f:
         load = " ".join(f.read().split()[:3])
-    print(f"# digits accuracy: {MODEL} {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, {args.epochs} epochs "
-          f"({args.warmup_epochs} FP warm-up), seeds {args.seeds}, threads {args.threads}, loadavg {load}", flush=True)
+    start = f"from FP32 trained {args.pretrain_epochs} epochs, " if args.pretrain_epochs else "from scratch, "
+    print(f"# digits accuracy: {MODEL} {IMAGE_SIZE}x{IMAGE_SIZE}, batch {BATCH}, {start}{args.epochs} epochs "
+          f"({args.warmup_epochs} FP warm-up) at lr {args.lr:g}, seeds {args.seeds}, threads {args.threads}, "
+          f"loadavg {load}", flush=True)
     if not baselines.brevitas_available():
         print(baselines.BREVITAS_MISSING)
     key = {"epochs": args.epochs, "warmup": args.warmup_epochs, "limit": args.limit_train_batches}
+    if args.pretrain_epochs:  # scratch records carry neither field (the reader below tells them apart)
+        key |= {"pretrain": args.pretrain_epochs, "lr": args.lr}
     results: dict[str, dict[int, dict]] = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
             for line in f:
                 r = json.loads(line)
-                if all(r.get(k) == v for k, v in key.items()):
+                if all(r.get(k) == v for k, v in key.items()) and r.get("pretrain", 0) == args.pretrain_epochs:
                     results.setdefault(r["method"], {})[r["seed"]] = r
     for seed in args.seeds:  # seed-major: a partial table has every method
         for m in selected(args):
             if seed in results.get(m.label, {}):
                 continue
+            pretrained_fp32(seed, args)  # trained (once) outside the row's clock
             t0 = time.perf_counter()
             acc = run_ours(m, seed, args) if m.kind == "ours" else run_plain(m, seed, args)
             r = {"method": m.label, "seed": seed, "acc": acc, "seconds": time.perf_counter() - t0, **key}

@@ -67,6 +67,25 @@ def test_accuracy_digits_quick_prints_its_table(capsys: pytest.CaptureFixture[st
     assert "seed 0: top-1" not in capsys.readouterr().out
 
 
+def test_accuracy_digits_fine_tune_protocol_pretrains_once_per_seed(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import json
+
+    bench = load("accuracy_digits")
+    argv = ["--quick", "--pretrain-epochs", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "ft.jsonl")]
+    bench.main([*argv, "--methods", "GDRQ W4A4 (G=4)", "FP32 (plain loop)"])
+    out = capsys.readouterr().out
+    assert "from FP32 trained 1 epochs" in out and "lr 0.005" in out
+    assert out.count("pretrained FP32 seed 0") == 1  # shared by the Lightning row and the plain loop
+    records = [json.loads(line) for line in (tmp_path / "ft.jsonl").read_text().splitlines()]
+    assert [(r["pretrain"], r["lr"]) for r in records] == [(1, 0.005), (1, 0.005)]
+    bench.main([*argv, "--methods", "LSQ W4A4"])  # a later process reuses the cached model
+    assert "pretrained FP32" not in capsys.readouterr().out
+    bench.main(["--quick", "--out", str(tmp_path / "ft.jsonl"), "--methods", "GDRQ W4A4 (G=4)"])
+    assert "seed 0: top-1" in capsys.readouterr().out  # a from-scratch run does not count fine-tune records
+
+
 def test_accuracy_digits_selects_exact_labels_and_stages_gdrq() -> None:
     bench = load("accuracy_digits")
     labels = [m.label for m in bench.selected(bench.parse_args(["--methods", "GDRQ W2A4 (G=4)"]))]
