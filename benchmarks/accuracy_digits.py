@@ -122,6 +122,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-val-batches", type=int, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 on a shared machine)")
     p.add_argument("--out", default=None, help="JSON-lines file: results are appended; finished runs are skipped")
+    p.add_argument("--table-only", action="store_true", help="print the table of what --out already holds; train nothing")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 1 epoch, 2 train / 1 val batches, no warm-up")
     args = p.parse_args(argv)
     if args.quick:
@@ -129,6 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.limit_train_batches, args.limit_val_batches = 2, 1
     if not 0 <= args.warmup_epochs < args.epochs:
         p.error(f"--warmup-epochs={args.warmup_epochs} must be in [0, --epochs={args.epochs})")
+    if args.table_only and not args.out:
+        p.error("--table-only needs --out (the results to print)")
     if args.pretrain_epochs < 0:
         p.error(f"--pretrain-epochs={args.pretrain_epochs} must be >= 0")
     if args.lr is None:
@@ -329,7 +332,7 @@ def sweep(args: argparse.Namespace) -> None:
                 r = json.loads(line)
                 if all(r.get(k) == v for k, v in key.items()) and r.get("pretrain", 0) == args.pretrain_epochs:
                     results.setdefault(r["method"], {})[r["seed"]] = r
-    for seed in args.seeds:  # seed-major: a partial table has every method
+    for seed in [] if args.table_only else args.seeds:  # seed-major: a partial table has every method
         for m in selected(args):
             if seed in results.get(m.label, {}):
                 continue

@@ -65,6 +65,9 @@ def test_accuracy_digits_quick_prints_its_table(capsys: pytest.CaptureFixture[st
     assert len(out_file.read_text().splitlines()) == 2  # one JSON line per finished run
     bench.main(["--quick", "--methods", "GDRQ W4A4 (G=4)", "--out", str(out_file)])  # resumes: nothing to run
     assert "seed 0: top-1" not in capsys.readouterr().out
+    bench.main(["--quick", "--table-only", "--methods", "GDRQ W4A4 (G=4)", "LSQ W4A4", "--out", str(out_file)])
+    out = capsys.readouterr().out
+    assert "seed 0: top-1" not in out and "| LSQ W4A4 | (not run) | 0 |" in out
 
 
 def test_accuracy_digits_fine_tune_protocol_pretrains_once_per_seed(
