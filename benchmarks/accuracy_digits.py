@@ -175,9 +175,8 @@ def pretrained_fp32(seed: int, args: argparse.Namespace) -> str | None:
     return path
 
 
-def run_ours(method: Method, seed: int, args: argparse.Namespace) -> float:
-    """Lightning + GDRQCallback; returns validation top-1 after the last epoch."""
-    pretrained = pretrained_fp32(seed, args)
+def run_ours(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> float:
+    """Lightning + GDRQCallback from ``pretrained`` (or scratch); returns validation top-1 after the last epoch."""
     return _fit_ours(method, seed, args, epochs=args.epochs, lr=args.lr, pretrained=pretrained)[1]
 
 
@@ -209,11 +208,10 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
 
 
-def run_plain(method: Method, seed: int, args: argparse.Namespace) -> float:
+def run_plain(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> float:
     """Plain loop for the FP32 control, torch.ao QAT and Brevitas; returns validation top-1."""
     import torch.ao.quantization as tq
 
-    pretrained = pretrained_fp32(seed, args)
     pl.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=BATCH)
     dm.setup("fit")
@@ -322,23 +320,24 @@ def sweep(args: argparse.Namespace) -> None:
           f"loadavg {load}", flush=True)
     if not baselines.brevitas_available():
         print(baselines.BREVITAS_MISSING)
-    key = {"epochs": args.epochs, "warmup": args.warmup_epochs, "limit": args.limit_train_batches}
-    if args.pretrain_epochs:  # scratch records carry neither field (the reader below tells them apart)
-        key |= {"pretrain": args.pretrain_epochs, "lr": args.lr}
+    key = {"epochs": args.epochs, "warmup": args.warmup_epochs, "limit": args.limit_train_batches,
+           "pretrain": args.pretrain_epochs, "lr": args.lr}
+    written_before = {"pretrain": 0, "lr": LR}  # records from before these fields existed were scratch runs at LR
     results: dict[str, dict[int, dict]] = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
             for line in f:
                 r = json.loads(line)
-                if all(r.get(k) == v for k, v in key.items()) and r.get("pretrain", 0) == args.pretrain_epochs:
+                if all(r.get(k, written_before.get(k)) == v for k, v in key.items()):
                     results.setdefault(r["method"], {})[r["seed"]] = r
     for seed in [] if args.table_only else args.seeds:  # seed-major: a partial table has every method
         for m in selected(args):
             if seed in results.get(m.label, {}):
                 continue
-            pretrained_fp32(seed, args)  # trained (once) outside the row's clock
+            pretrained = pretrained_fp32(seed, args)  # trained (once) outside the row's clock
             t0 = time.perf_counter()
-            acc = run_ours(m, seed, args) if m.kind == "ours" else run_plain(m, seed, args)
+            run = run_ours if m.kind == "ours" else run_plain
+            acc = run(m, seed, args, pretrained)
             r = {"method": m.label, "seed": seed, "acc": acc, "seconds": time.perf_counter() - t0, **key}
             results.setdefault(m.label, {})[seed] = r
             print(f"  {m.label:32s} seed {seed}: top-1 {100 * acc:.2f}%  ({r['seconds']:.0f} s)", flush=True)

@@ -87,6 +87,8 @@ def test_accuracy_digits_fine_tune_protocol_pretrains_once_per_seed(
     assert "pretrained FP32" not in capsys.readouterr().out
     bench.main(["--quick", "--out", str(tmp_path / "ft.jsonl"), "--methods", "GDRQ W4A4 (G=4)"])
     assert "seed 0: top-1" in capsys.readouterr().out  # a from-scratch run does not count fine-tune records
+    bench.main(["--quick", "--lr", "0.01", "--out", str(tmp_path / "ft.jsonl"), "--methods", "GDRQ W4A4 (G=4)"])
+    assert "seed 0: top-1" in capsys.readouterr().out  # nor records of another learning rate
 
 
 def test_accuracy_digits_selects_exact_labels_and_stages_gdrq() -> None:
