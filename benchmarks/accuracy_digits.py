@@ -28,6 +28,13 @@ Two protocols:
   ``--epochs`` more at ``--lr`` (default a tenth, 0.005) — the usual QAT setting, and the
   one the GDRQ, PACT and LSQ papers report. The FP32 row is the same model trained on.
 
+Either protocol can be tuned (``--tune-holdout F``): a share ``F`` of the training split is set
+aside (the FP32 model of the fine-tune protocol never sees it either), and every compared row
+runs three settings of one knob: its own quantizer knob where it has one (GDRQ ``k_w``, PACT's
+alpha init), otherwise the learning rate (x0.5, x1, x2). The setting with the best mean held-out
+top-1 over the seeds is chosen, and the table reports *its* validation top-1: the validation
+images never choose anything.
+
 Accuracy is measured once, on the validation split, after the last epoch
 (torch.ao: fake-quant model with observers frozen, not the converted int8 model).
 Results are appended to ``--out`` (JSON lines) as they finish, and runs already in
@@ -36,6 +43,8 @@ that file are skipped, so an interrupted run can be resumed.
 Usage:
     python benchmarks/accuracy_digits.py --epochs 4 --seeds 0 1 2 --out /tmp/acc.jsonl
     python benchmarks/accuracy_digits.py --pretrain-epochs 10 --epochs 4 --warmup-epochs 0 --out /tmp/ft.jsonl
+    python benchmarks/accuracy_digits.py --pretrain-epochs 10 --epochs 4 --warmup-epochs 0 --tune-holdout 0.2 \
+        --out /tmp/tuned.jsonl
     python benchmarks/accuracy_digits.py --quick
 """
 from __future__ import annotations
@@ -51,7 +60,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -59,13 +68,16 @@ import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
 
 from gdrq_lightning import GDRQCallback, QuantConfig, Schedule  # noqa: E402
 from tasks.classification import ClassificationModule, DigitsDataModule  # noqa: E402
+from tasks.classification.datamodule import DigitsDataset  # noqa: E402
 from tasks.common import param_groups  # noqa: E402
+from tasks.digits import load_digits_arrays, split_indices  # noqa: E402
 
 _NO_PLOTS = "<no plots>"
 MODEL, IMAGE_SIZE, BATCH, LR, WEIGHT_DECAY, MOMENTUM, GROUPS = "resnet18", 32, 32, 0.05, 5e-4, 0.9, 4
@@ -79,12 +91,19 @@ class Method:
     kind: str
     config: dict[str, Any] = field(default_factory=dict)
     reshape_epochs: int = 0  # Scale-Clip alone for this many epochs before quantizing (GDRQ's two-step recipe)
+    knob: tuple[str, tuple[float, ...]] | None = None  # --tune-holdout: (hyper-parameter, values), default in the middle
 
+
+# --tune-holdout: every compared row gets three settings of one knob, chosen on held-out data.
+# Its own quantizer knob where the method has one; the learning rate (x --lr) where it has none.
+K_W = ("k_w", (1.5, 2.0, 3.0))
+PACT_ALPHA = ("pact_alpha_init", (3.0, 6.0, 10.0))
+LR_SCALE = ("lr_scale", (0.5, 1.0, 2.0))
 
 METHODS = [
     Method("FP32", "ours", {"method": "none"}),
-    Method(f"GDRQ W4A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}, 1),
-    Method(f"GDRQ W2A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}, 1),
+    Method(f"GDRQ W4A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}, 1, K_W),
+    Method(f"GDRQ W2A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}, 1, K_W),
     Method(f"GDRQ W4A4 (G={GROUPS}), all at once", "ours",
            {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
     Method(f"GDRQ W2A4 (G={GROUPS}), all at once", "ours",
@@ -92,15 +111,15 @@ METHODS = [
     Method("Scale-Clip only W4A4", "ours", {"method": "scale_clip", "weight_bits": 4, "act_bits": 4}, 1),
     Method(f"Group only W4A4 (G={GROUPS})", "ours", {"method": "group", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
     Method("HWGQ W1A2", "ours", {"method": "hwgq", "weight_bits": 1, "act_bits": 2}),
-    Method("DoReFa W4A4", "ours", {"method": "dorefa", "weight_bits": 4, "act_bits": 4}),
-    Method("DoReFa W2A4", "ours", {"method": "dorefa", "weight_bits": 2, "act_bits": 4}),
-    Method("PACT W4A4", "ours", {"method": "pact", "weight_bits": 4, "act_bits": 4}),
-    Method("PACT W2A4", "ours", {"method": "pact", "weight_bits": 2, "act_bits": 4}),
-    Method("LSQ W4A4", "ours", {"method": "lsq", "weight_bits": 4, "act_bits": 4}),
-    Method("LSQ W2A4", "ours", {"method": "lsq", "weight_bits": 2, "act_bits": 4}),
+    Method("DoReFa W4A4", "ours", {"method": "dorefa", "weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
+    Method("DoReFa W2A4", "ours", {"method": "dorefa", "weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
+    Method("PACT W4A4", "ours", {"method": "pact", "weight_bits": 4, "act_bits": 4}, knob=PACT_ALPHA),
+    Method("PACT W2A4", "ours", {"method": "pact", "weight_bits": 2, "act_bits": 4}, knob=PACT_ALPHA),
+    Method("LSQ W4A4", "ours", {"method": "lsq", "weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
+    Method("LSQ W2A4", "ours", {"method": "lsq", "weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
     Method("torch.ao QAT W8A8 (x86)", "torch_ao"),
-    Method("Brevitas W4A4", "brevitas", {"weight_bits": 4, "act_bits": 4}),
-    Method("Brevitas W2A4", "brevitas", {"weight_bits": 2, "act_bits": 4}),
+    Method("Brevitas W4A4", "brevitas", {"weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
+    Method("Brevitas W2A4", "brevitas", {"weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
     Method("FP32 (plain loop)", "fp32"),
 ]
 
@@ -116,6 +135,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="fine-tune protocol: start every row from FP32 trained this many epochs (0: from scratch)")
     p.add_argument("--lr", type=float, default=None,
                    help=f"learning rate of the rows (default {LR} from scratch, {LR / 10:g} when fine-tuning)")
+    p.add_argument("--tune-holdout", type=float, default=0.0,
+                   help="set this share of the training split aside; every compared row tries three settings of "
+                        "one knob (GDRQ k_w, PACT alpha init, else the lr) and reports the one best on it (0: off)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gdrq_bench_fp32"),
                    help="where the pretrained FP32 models of --pretrain-epochs are kept between runs")
     p.add_argument("--limit-train-batches", type=int, default=None)
@@ -132,11 +154,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--warmup-epochs={args.warmup_epochs} must be in [0, --epochs={args.epochs})")
     if args.table_only and not args.out:
         p.error("--table-only needs --out (the results to print)")
+    if not 0 <= args.tune_holdout < 1:
+        p.error(f"--tune-holdout={args.tune_holdout} must be in [0, 1)")
     if args.pretrain_epochs < 0:
         p.error(f"--pretrain-epochs={args.pretrain_epochs} must be >= 0")
     if args.lr is None:
         args.lr = LR / 10 if args.pretrain_epochs else LR
     return args
+
+
+class HoldoutDigits(DigitsDataModule):
+    """The digits split with ``holdout`` of its training images set aside, unaugmented, to choose settings on.
+
+    The validation split is untouched, so chosen settings are never fitted to the images they are reported on.
+    """
+
+    def __init__(self, holdout: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.holdout = holdout
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.holdout:
+            h = self.hparams
+            train_idx, _ = split_indices(len(load_digits_arrays()[1]), h.val_fraction, h.split_seed)
+            keep, held = split_indices(len(train_idx), self.holdout, seed=h.split_seed + 1)
+            self.train_set = DigitsDataset(train_idx[keep], h.image_size, train=True)
+            self.holdout_set = DigitsDataset(train_idx[held], h.image_size, train=False)
+
+    def holdout_dataloader(self) -> DataLoader:
+        return self._loader(self.holdout_set, False)
+
+
+def with_setting(method: Method, args: argparse.Namespace, value: float | None) -> tuple[Method, argparse.Namespace]:
+    """The row and arguments with its knob at ``value`` (``None``: as defined)."""
+    if value is None:
+        return method, args
+    name = method.knob[0]
+    if name == "lr_scale":
+        return method, argparse.Namespace(**{**vars(args), "lr": args.lr * value})
+    return replace(method, config={**method.config, name: value}), args
+
+
+def choose(holdout_means: dict[float, float], default: float) -> float:
+    """The setting with the best held-out accuracy; a tie goes to the default."""
+    return max(holdout_means, key=lambda v: (round(holdout_means[v], 6), v == default))
 
 
 def _limited(loader, limit: int | None):
@@ -162,28 +224,32 @@ def pretrained_fp32(seed: int, args: argparse.Namespace) -> str | None:
         return None
     os.makedirs(args.cache_dir, exist_ok=True)
     limit = "" if args.limit_train_batches is None else f"_limit{args.limit_train_batches}"
-    path = os.path.join(args.cache_dir, f"fp32_{MODEL}_seed{seed}_{args.pretrain_epochs}ep{limit}.pt")
+    held = f"_holdout{args.tune_holdout:g}" if args.tune_holdout else ""
+    path = os.path.join(args.cache_dir, f"fp32_{MODEL}_seed{seed}_{args.pretrain_epochs}ep{limit}{held}.pt")
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here instead of training it again
         if not os.path.exists(path):
             fp32 = next(m for m in METHODS if m.label == "FP32")
-            module, acc = _fit_ours(fp32, seed, args, epochs=args.pretrain_epochs, lr=LR, pretrained=None)
+            module, accs = _fit_ours(fp32, seed, args, epochs=args.pretrain_epochs, lr=LR, pretrained=None)
             torch.save(module.model.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
-            print(f"  pretrained FP32 seed {seed}: {args.pretrain_epochs} epochs, top-1 {100 * acc:.2f}% -> {path}",
-                  flush=True)
+            print(f"  pretrained FP32 seed {seed}: {args.pretrain_epochs} epochs, top-1 {100 * accs['acc']:.2f}% "
+                  f"-> {path}", flush=True)
     return path
 
 
-def run_ours(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> float:
-    """Lightning + GDRQCallback from ``pretrained`` (or scratch); returns validation top-1 after the last epoch."""
+def run_ours(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> dict[str, float]:
+    """Lightning + GDRQCallback from ``pretrained`` (or scratch); top-1 after the last epoch.
+
+    Returns ``{"acc": validation top-1}``, plus ``"holdout_acc"`` with ``--tune-holdout``.
+    """
     return _fit_ours(method, seed, args, epochs=args.epochs, lr=args.lr, pretrained=pretrained)[1]
 
 
 def _fit_ours(method: Method, seed: int, args: argparse.Namespace, *, epochs: int, lr: float,
-              pretrained: str | None) -> tuple[ClassificationModule, float]:
+              pretrained: str | None) -> tuple[ClassificationModule, dict[str, float]]:
     pl.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=BATCH)
+    dm = HoldoutDigits(args.tune_holdout, image_size=IMAGE_SIZE, batch_size=BATCH)
     module = ClassificationModule(MODEL, num_classes=10, lr=lr, weight_decay=WEIGHT_DECAY, momentum=MOMENTUM,
                                   pretrained=pretrained)
     callbacks = []
@@ -200,7 +266,10 @@ def _fit_ours(method: Method, seed: int, args: argparse.Namespace, *, epochs: in
         limit_train_batches=args.limit_train_batches, limit_val_batches=args.limit_val_batches,
     )
     trainer.fit(module, datamodule=dm)
-    return module, float(trainer.callback_metrics["val/acc1"])
+    accs = {"acc": float(trainer.callback_metrics["val/acc1"])}
+    if args.tune_holdout:
+        accs["holdout_acc"] = trainer.validate(module, dataloaders=dm.holdout_dataloader(), verbose=False)[0]["val/acc1"]
+    return module, accs
 
 
 def _cosine(step: int, total: int) -> float:
@@ -208,12 +277,12 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
 
 
-def run_plain(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> float:
-    """Plain loop for the FP32 control, torch.ao QAT and Brevitas; returns validation top-1."""
+def run_plain(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> dict[str, float]:
+    """Plain loop for the FP32 control, torch.ao QAT and Brevitas; accuracies as :func:`run_ours`."""
     import torch.ao.quantization as tq
 
     pl.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(image_size=IMAGE_SIZE, batch_size=BATCH)
+    dm = HoldoutDigits(args.tune_holdout, image_size=IMAGE_SIZE, batch_size=BATCH)
     dm.setup("fit")
     model: nn.Module = torchvision.models.get_model(MODEL, weights=None, num_classes=10)  # same RNG use as the module
     if pretrained:
@@ -256,19 +325,34 @@ def run_plain(method: Method, seed: int, args: argparse.Namespace, pretrained: s
     if method.kind == "torch_ao":
         model.apply(tq.disable_observer)
     model.eval()
+    accs = {"acc": _accuracy(model, dm.val_dataloader(), args.limit_val_batches)}
+    if args.tune_holdout:
+        accs["holdout_acc"] = _accuracy(model, dm.holdout_dataloader(), args.limit_val_batches)
+    return accs
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader: DataLoader, limit: int | None) -> float:
     correct = seen = 0
-    with torch.no_grad():
-        for x, y in _limited(dm.val_dataloader(), args.limit_val_batches):
-            correct += int((model(x).argmax(1) == y).sum())
-            seen += len(y)
+    for x, y in _limited(loader, limit):
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += len(y)
     return correct / max(seen, 1)
 
 
 def selected(args: argparse.Namespace) -> list[Method]:
+    """The rows to run: ``--methods`` minus ``--skip``; with ``--tune-holdout``, by default the compared rows and FP32."""
     methods = [m for m in METHODS if m.kind != "brevitas" or baselines.brevitas_available()]
     if args.methods:
         methods = [m for m in methods if any(_matches(s, m.label) for s in args.methods)]
+    elif args.tune_holdout:
+        methods = [m for m in methods if m.knob or m.label == "FP32"]
     return [m for m in methods if not any(_matches(s, m.label) for s in args.skip)]
+
+
+def settings(method: Method, args: argparse.Namespace) -> tuple[float | None, ...]:
+    """The knob values a row runs at: all three with ``--tune-holdout``, otherwise just the row as defined."""
+    return method.knob[1] if args.tune_holdout and method.knob else (None,)
 
 
 def _matches(pattern: str, label: str) -> bool:
@@ -278,19 +362,52 @@ def _matches(pattern: str, label: str) -> bool:
     return pattern == label if pattern in labels else pattern in label
 
 
-def print_table(results: dict[str, dict[int, dict]], args: argparse.Namespace) -> None:
+Results = dict[tuple[str, float | None], dict[int, dict]]  # (label, knob value) -> seed -> record
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.1f}"
+
+
+def print_table(results: Results, args: argparse.Namespace) -> None:
+    if args.tune_holdout:
+        print_tuned_table(results, args)
+        return
     print("\n| method | top-1 % (mean ± std) | seeds | per seed | s/run |")
     print("|---|---:|---:|---|---:|")
     for m in selected(args):
-        runs = results.get(m.label, {})
+        runs = results.get((m.label, None), {})
         accs = [100 * runs[s]["acc"] for s in args.seeds if s in runs]
         if not accs:
             print(f"| {m.label} | (not run) | 0 | | |")
             continue
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
         secs = statistics.mean(runs[s]["seconds"] for s in args.seeds if s in runs)
         per_seed = ", ".join(f"{a:.1f}" for a in accs)
-        print(f"| {m.label} | {statistics.mean(accs):.1f} ± {std:.1f} | {len(accs)} | {per_seed} | {secs:.0f} |")
+        print(f"| {m.label} | {_mean_std(accs)} | {len(accs)} | {per_seed} | {secs:.0f} |")
+
+
+def print_tuned_table(results: Results, args: argparse.Namespace) -> None:
+    """Per row: held-out top-1 of each setting, the one chosen there, and its validation top-1."""
+    print(f"\n| method | held-out top-1 % by setting ({100 * args.tune_holdout:g} % of train) | chosen "
+          "| val top-1 % (mean ± std) | seeds | val per seed |")
+    print("|---|---|---|---:|---:|---|")
+    for m in selected(args):
+        held: dict[float | None, float] = {}
+        for value in settings(m, args):
+            runs = results.get((m.label, value), {})
+            if any(s in runs for s in args.seeds):
+                held[value] = statistics.mean(100 * runs[s]["holdout_acc"] for s in args.seeds if s in runs)
+        if not held:
+            print(f"| {m.label} | (not run) | | | 0 | |")
+            continue
+        name = m.knob[0] if m.knob and None not in held else None
+        best = choose(held, m.knob[1][1]) if name else None
+        shown = " · ".join(f"{name}={v:g}: {a:.1f}" if name else f"{a:.1f}" for v, a in held.items())
+        runs = results[(m.label, best)]
+        accs = [100 * runs[s]["acc"] for s in args.seeds if s in runs]
+        per_seed = ", ".join(f"{a:.1f}" for a in accs)
+        chosen = f"{name}={best:g}" if name else "–"
+        print(f"| {m.label} | {shown} | {chosen} | {_mean_std(accs)} | {len(accs)} | {per_seed} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -321,29 +438,36 @@ def sweep(args: argparse.Namespace) -> None:
     if not baselines.brevitas_available():
         print(baselines.BREVITAS_MISSING)
     key = {"epochs": args.epochs, "warmup": args.warmup_epochs, "limit": args.limit_train_batches,
-           "pretrain": args.pretrain_epochs, "lr": args.lr}
-    written_before = {"pretrain": 0, "lr": LR}  # records from before these fields existed were scratch runs at LR
-    results: dict[str, dict[int, dict]] = {}
+           "pretrain": args.pretrain_epochs, "lr": args.lr, "holdout": args.tune_holdout}
+    # records from before these fields existed were scratch runs at LR on the whole training split
+    written_before = {"pretrain": 0, "lr": LR, "holdout": 0.0}
+    results: Results = {}
     if args.out and os.path.exists(args.out):
         with open(args.out) as f:
             for line in f:
                 r = json.loads(line)
                 if all(r.get(k, written_before.get(k)) == v for k, v in key.items()):
-                    results.setdefault(r["method"], {})[r["seed"]] = r
+                    results.setdefault((r["method"], r.get("setting")), {})[r["seed"]] = r
     for seed in [] if args.table_only else args.seeds:  # seed-major: a partial table has every method
         for m in selected(args):
-            if seed in results.get(m.label, {}):
-                continue
-            pretrained = pretrained_fp32(seed, args)  # trained (once) outside the row's clock
-            t0 = time.perf_counter()
-            run = run_ours if m.kind == "ours" else run_plain
-            acc = run(m, seed, args, pretrained)
-            r = {"method": m.label, "seed": seed, "acc": acc, "seconds": time.perf_counter() - t0, **key}
-            results.setdefault(m.label, {})[seed] = r
-            print(f"  {m.label:32s} seed {seed}: top-1 {100 * acc:.2f}%  ({r['seconds']:.0f} s)", flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(r) + "\n")
+            for value in settings(m, args):
+                if seed in results.get((m.label, value), {}):
+                    continue
+                pretrained = pretrained_fp32(seed, args)  # trained (once) outside the row's clock
+                row, row_args = with_setting(m, args, value)
+                t0 = time.perf_counter()
+                accs = (run_ours if m.kind == "ours" else run_plain)(row, seed, row_args, pretrained)
+                r = {"method": m.label, "seed": seed, **accs, "seconds": time.perf_counter() - t0, **key}
+                if value is not None:
+                    r |= {"knob": m.knob[0], "setting": value}
+                results.setdefault((m.label, value), {})[seed] = r
+                at = f" {m.knob[0]}={value:g}" if value is not None else ""
+                held = f", held-out {100 * accs['holdout_acc']:.2f}%" if "holdout_acc" in accs else ""
+                print(f"  {m.label:32s}{at} seed {seed}: top-1 {100 * accs['acc']:.2f}%{held}  "
+                      f"({r['seconds']:.0f} s)", flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(r) + "\n")
     print_table(results, args)
 
 

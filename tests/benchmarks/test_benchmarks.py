@@ -11,6 +11,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -105,6 +106,49 @@ def test_accuracy_digits_selects_exact_labels_and_stages_gdrq() -> None:
     assert (at_once.scale_clip, at_once.quant_weights, at_once.groups) == (1, 1, 1)
     assert bench.schedule_for(rows["PACT W4A4"], args).quant_weights == 1
     assert staged.freeze_bn is None
+
+
+def test_accuracy_digits_tune_holdout_sets_training_images_aside() -> None:
+    bench = load("accuracy_digits")
+    plain, held = bench.DigitsDataModule(), bench.HoldoutDigits(0.2)
+    plain.setup("fit")
+    held.setup("fit")
+    assert len(held.holdout_set) == round(0.2 * len(plain.train_set)) and not held.holdout_set.train
+    together = torch.cat([held.train_set.images, held.holdout_set.images])
+    assert sorted(map(bytes, together.numpy())) == sorted(map(bytes, plain.train_set.images.numpy()))
+    assert torch.equal(held.val_set.images, plain.val_set.images)  # reported on the same, untouched split
+
+
+def test_accuracy_digits_tune_knobs_and_choice() -> None:
+    bench = load("accuracy_digits")
+    args = bench.parse_args(["--tune-holdout", "0.2", "--lr", "0.01"])
+    rows = {m.label: m for m in bench.selected(args)}
+    assert "FP32" in rows and "HWGQ W1A2" not in rows  # the compared rows and the reference
+    assert all(m.knob and len(m.knob[1]) == 3 for label, m in rows.items() if label != "FP32")
+    gdrq, _ = bench.with_setting(rows["GDRQ W2A4 (G=4)"], args, 1.5)
+    assert gdrq.config["k_w"] == 1.5 and "k_w" not in rows["GDRQ W2A4 (G=4)"].config
+    _, lsq_args = bench.with_setting(rows["LSQ W2A4"], args, 2.0)
+    assert lsq_args.lr == pytest.approx(0.02) and args.lr == 0.01
+    assert bench.choose({1.5: 96.0, 2.0: 97.0, 3.0: 97.5}, 2.0) == 3.0
+    assert bench.choose({1.5: 97.5, 2.0: 97.5, 3.0: 90.0}, 2.0) == 2.0  # a tie goes to the default
+
+
+def test_accuracy_digits_tune_runs_every_setting_and_reports_the_chosen_one(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import json
+
+    bench = load("accuracy_digits")
+    out_file = tmp_path / "tuned.jsonl"
+    bench.main(["--quick", "--tune-holdout", "0.2", "--methods", "GDRQ W2A4 (G=4)", "--out", str(out_file)])
+    records = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [(r["knob"], r["setting"]) for r in records] == [("k_w", 1.5), ("k_w", 2.0), ("k_w", 3.0)]
+    assert all(0 <= r["holdout_acc"] <= 1 and r["holdout"] == 0.2 for r in records)
+    best = max(records, key=lambda r: (r["holdout_acc"], r["setting"] == 2.0))
+    row = next(r for r in table_rows(capsys.readouterr().out) if r.startswith("| GDRQ W2A4"))
+    assert f"| k_w={best['setting']:g} | {100 * best['acc']:.1f} ± 0.0 | 1 |" in row
+    bench.main(["--quick", "--table-only", "--methods", "GDRQ W2A4 (G=4)", "--out", str(out_file)])
+    assert "| GDRQ W2A4 (G=4) | (not run) |" in capsys.readouterr().out  # never mixed with whole-split runs
 
 
 def test_missing_brevitas_drops_its_rows_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
