@@ -124,9 +124,9 @@ def test_accuracy_digits_tune_knobs_and_choice() -> None:
     args = bench.parse_args(["--tune-holdout", "0.2", "--lr", "0.01"])
     rows = {m.label: m for m in bench.selected(args)}
     assert "FP32" in rows and "HWGQ W1A2" not in rows  # the compared rows and the reference
-    assert all(m.knob and len(m.knob[1]) == 3 for label, m in rows.items() if label != "FP32")
-    gdrq, _ = bench.with_setting(rows["GDRQ W2A4 (G=4)"], args, 1.5)
-    assert gdrq.config["k_w"] == 1.5 and "k_w" not in rows["GDRQ W2A4 (G=4)"].config
+    assert all(len(m.knob.values) == 3 and m.knob.default in m.knob.values for m in rows.values() if m.knob)
+    gdrq, _ = bench.with_setting(rows["GDRQ W2A4 (G=4)"], args, 6.0)
+    assert gdrq.config["k_a"] == 6.0 and "k_a" not in rows["GDRQ W2A4 (G=4)"].config
     _, lsq_args = bench.with_setting(rows["LSQ W2A4"], args, 2.0)
     assert lsq_args.lr == pytest.approx(0.02) and args.lr == 0.01
     assert bench.choose({1.5: 96.0, 2.0: 97.0, 3.0: 97.5}, 2.0) == 3.0
@@ -142,11 +142,11 @@ def test_accuracy_digits_tune_runs_every_setting_and_reports_the_chosen_one(
     out_file = tmp_path / "tuned.jsonl"
     bench.main(["--quick", "--tune-holdout", "0.2", "--methods", "GDRQ W2A4 (G=4)", "--out", str(out_file)])
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert [(r["knob"], r["setting"]) for r in records] == [("k_w", 1.5), ("k_w", 2.0), ("k_w", 3.0)]
+    assert [(r["knob"], r["setting"]) for r in records] == [("k_a", 4.0), ("k_a", 6.0), ("k_a", 8.0)]
     assert all(0 <= r["holdout_acc"] <= 1 and r["holdout"] == 0.2 for r in records)
-    best = max(records, key=lambda r: (r["holdout_acc"], r["setting"] == 2.0))
+    best = max(records, key=lambda r: (r["holdout_acc"], r["setting"] == 4.0))
     row = next(r for r in table_rows(capsys.readouterr().out) if r.startswith("| GDRQ W2A4"))
-    assert f"| k_w={best['setting']:g} | {100 * best['acc']:.1f} ± 0.0 | 1 |" in row
+    assert f"| k_a={best['setting']:g} | {100 * best['acc']:.1f} ± 0.0 | 1 |" in row
     bench.main(["--quick", "--table-only", "--methods", "GDRQ W2A4 (G=4)", "--out", str(out_file)])
     assert "| GDRQ W2A4 (G=4) | (not run) |" in capsys.readouterr().out  # never mixed with whole-split runs
 
