@@ -30,8 +30,8 @@ Two protocols:
 
 Either protocol can be tuned (``--tune-holdout F``): a share ``F`` of the training split is set
 aside (the FP32 model of the fine-tune protocol never sees it either), and every compared row
-runs three settings of one knob: its own quantizer knob where it has one (GDRQ ``k_w``, PACT's
-alpha init), otherwise the learning rate (x0.5, x1, x2). The setting with the best mean held-out
+runs three settings of one knob: its activation clip where the method sets one (GDRQ ``k_a``,
+PACT's alpha init), otherwise the learning rate (x0.5, x1, x2). The setting with the best mean held-out
 top-1 over the seeds is chosen, and the table reports *its* validation top-1: the validation
 images never choose anything.
 
@@ -147,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"learning rate of the rows (default {LR} from scratch, {LR / 10:g} when fine-tuning)")
     p.add_argument("--tune-holdout", type=float, default=0.0,
                    help="set this share of the training split aside; every compared row tries three settings of "
-                        "one knob (GDRQ k_w, PACT alpha init, else the lr) and reports the one best on it (0: off)")
+                        "one knob (GDRQ k_a, PACT alpha init, else the lr) and reports the one best on it (0: off)")
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "gdrq_bench_fp32"),
                    help="where the pretrained FP32 models of --pretrain-epochs are kept between runs")
     p.add_argument("--limit-train-batches", type=int, default=None)
@@ -401,24 +401,24 @@ def print_table(results: Results, args: argparse.Namespace) -> None:
 
 
 def print_tuned_table(results: Results, args: argparse.Namespace) -> None:
-    """Per row: held-out top-1 of each setting, the one chosen there, and its validation top-1."""
+    """Per row: held-out top-1 of each setting, the one chosen there, and its validation top-1.
+
+    Only seeds that every setting of the row has finished count, so the settings are compared on the same runs.
+    """
     print(f"\n| method | held-out top-1 % by setting ({100 * args.tune_holdout:g} % of train) | chosen "
           "| val top-1 % (mean ± std) | seeds | val per seed |")
     print("|---|---|---|---:|---:|---|")
     for m in selected(args):
-        held: dict[float | None, float] = {}
-        for value in settings(m, args):
-            runs = results.get(_key(m, value), {})
-            if any(s in runs for s in args.seeds):
-                held[value] = statistics.mean(100 * runs[s]["holdout_acc"] for s in args.seeds if s in runs)
-        if not held:
+        values = settings(m, args)
+        seeds = [s for s in args.seeds if all(s in results.get(_key(m, v), {}) for v in values)]
+        if not seeds:
             print(f"| {m.label} | (not run) | | | 0 | |")
             continue
-        name = m.knob.name if m.knob and None not in held else None
+        held = {v: statistics.mean(100 * results[_key(m, v)][s]["holdout_acc"] for s in seeds) for v in values}
+        name = m.knob.name if values != (None,) else None
         best = choose(held, m.knob.default) if name else None
         shown = " · ".join(f"{name}={v:g}: {a:.1f}" if name else f"{a:.1f}" for v, a in held.items())
-        runs = results[_key(m, best)]
-        accs = [100 * runs[s]["acc"] for s in args.seeds if s in runs]
+        accs = [100 * results[_key(m, best)][s]["acc"] for s in seeds]
         per_seed = ", ".join(f"{a:.1f}" for a in accs)
         chosen = f"{name}={best:g}" if name else "–"
         print(f"| {m.label} | {shown} | {chosen} | {_mean_std(accs)} | {len(accs)} | {per_seed} |")
