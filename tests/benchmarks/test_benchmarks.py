@@ -151,6 +151,16 @@ def test_accuracy_digits_tune_runs_every_setting_and_reports_the_chosen_one(
     assert "| GDRQ W2A4 (G=4) | (not run) |" in capsys.readouterr().out  # never mixed with whole-split runs
 
 
+def test_clip_mse_quick_finds_the_clip_each_distribution_wants(capsys: pytest.CaptureFixture[str]) -> None:
+    load("clip_mse").main(["--quick"])
+    out = capsys.readouterr().out
+    assert "### weights" in out and "### activations" in out and "k=2*" in out and "k=4*" in out
+    best = {tuple(r.split(" | ")[:2]): float(r.split(" | ")[-2]) for r in table_rows(out) if not r.startswith("| input")}
+    assert best[("| U(-1, 1)", "4")] == 2.0  # k_w = 2 is right once Scale-Clip has made weights uniform
+    assert best[("| N(0, 1)", "4")] == 3.0
+    assert best[("| ReLU(N(0, 1))", "4")] in (6.0, 7.0, 8.0)  # well above the default k_a = 4
+
+
 def test_missing_brevitas_drops_its_rows_with_a_note(monkeypatch: pytest.MonkeyPatch) -> None:
     baselines = load("baselines")
     monkeypatch.setattr(baselines, "brevitas_available", lambda: False)
