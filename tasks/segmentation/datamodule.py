@@ -4,7 +4,9 @@ Training batches are random-scaled, padded and cropped to ``crop_size`` and flip
 validation runs on whole images, batched by padding to the largest image in the
 batch (image 0 = mean colour after normalisation, mask 255 = ignored), so padding
 never touches the metrics. The training loader drops its last incomplete batch
-(PSPNet's BN layers need more than one value per channel).
+(PSPNet's BN layers need more than one value per channel). Under DDP the validation
+loader splits the images without repeats: Lightning's ``DistributedSampler`` would pad the
+ranks even with duplicates, which the confusion matrix would count twice.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch.distributed as dist
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader
 
 from .datasets import SegmentationFiles, cityscapes_dataset, voc_dataset
@@ -50,8 +54,11 @@ class _SegmentationDataModule(pl.LightningDataModule):
     def _loader(self, dataset: SegmentationFiles | None, *, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
+        sampler = None
+        if not train and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)  # Lightning keeps a DistributedSampler
         return DataLoader(
-            dataset, batch_size=self.batch_size if train else self.val_batch_size, shuffle=train,
+            dataset, batch_size=self.batch_size if train else self.val_batch_size, shuffle=train, sampler=sampler,
             drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers,
             collate_fn=pad_collate, persistent_workers=self.num_workers > 0, pin_memory=False,
         )
