@@ -61,12 +61,13 @@ def main(argv: list[str] | None = None) -> None:
     n = 20_000 if args.quick else args.samples
     print(f"# clip MSE: {n} draws per distribution, seed {args.seed}; cells are MSE / best MSE of the row, "
           "* marks the SPEC default k")
+    inputs = rows(n, args.seed)
     for kind, ks in (("weights", K_WEIGHTS), ("activations", K_ACTS)):
         print(f"\n### {kind}: T = k * mean|x|\n")
         print("| input | bits | " + " | ".join(f"k={k:g}" + ("*" if k == SPEC_DEFAULT[kind] else "") for k in ks)
               + " | best k | best MSE |")
         print("|---|---:|" + "---:|" * len(ks) + "---:|---:|")
-        for row_kind, name, bits, x, mse in rows(n, args.seed):
+        for row_kind, name, bits, x, mse in inputs:
             if row_kind != kind:
                 continue
             errors = [mse(x, k, bits) for k in ks]
