@@ -1,4 +1,4 @@
-"""gdrq-lightning: low-bit quantization-aware training (GDRQ, HWGQ, DoReFa, PACT, LSQ) for Lightning.
+"""gdrq-lightning: low-bit quantization-aware training of vision networks for Lightning.
 
 Public interface (SPEC §7): :class:`QuantConfig`, :func:`quantize_model`,
 :func:`quantized_layers`, :class:`GDRQCallback` and :mod:`gdrq_lightning.export`.

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import monitoring
-from .quant import QuantConfig, quantize_model, quantized_layers, quantizers, set_quant_state
+from .quant import QuantConfig, named_quantizers, quantize_model, quantized_layers, set_quant_state
 from .quant.layers import QuantConv2d, QuantLinear
 from .schedule import PHASES, Schedule
 
@@ -63,10 +63,9 @@ def check_quantizers_finite(model: nn.Module, step: int) -> None:
 
 
 def _quantizer_scales(model: nn.Module):
-    for name, q in quantizers(model):
-        for attr in ("running_abs_mean", "running_max", "alpha", "step"):
-            t = getattr(q, attr, None)
-            if isinstance(t, torch.Tensor):
+    for name, q in named_quantizers(model):
+        for attr, t in [*q.named_parameters(recurse=False), *q.named_buffers(recurse=False)]:
+            if t.is_floating_point():
                 yield f"{name}.{attr}", t
 
 

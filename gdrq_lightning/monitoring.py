@@ -28,8 +28,8 @@ def weight_stats(layer: nn.Module) -> dict[str, float]:
     w = layer.weight.detach()
     wq = q(w)
     stats = {"quant_error": float((w - wq).abs().mean())}
-    if q.uses_scale_clip:
-        t = q.threshold(w)
+    t = q.clip_value(w)
+    if t is not None:
         stats["threshold"] = float(t.mean())
         stats["clipped_frac"] = float((w.abs() > expand_bshape(t, w, 0)).float().mean())
     return stats
@@ -61,18 +61,8 @@ def activation_probe(model: nn.Module) -> Iterator[dict[str, dict[str, float]]]:
 
 
 def _act_clip_value(quantizer: nn.Module) -> float | None:
-    method = quantizer.method.value
-    if method in ("gdrq", "scale_clip", "group"):
-        return float(quantizer.threshold().mean()) if bool(quantizer.initialized) else None
-    if method == "pact":
-        return float(quantizer.alpha.detach())
-    if method == "hwgq":
-        return quantizer.hwgq_step * (2**quantizer.bits - 1)
-    if method == "dorefa":
-        return 1.0
-    if method == "lsq":
-        return float(quantizer.step.detach()) * (2**quantizer.bits - 1)
-    return None
+    clip = quantizer.clip_value()
+    return None if clip is None else float(clip.float().mean())
 
 
 def log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:

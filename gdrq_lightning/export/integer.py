@@ -12,7 +12,7 @@ A ``b``-bit code tensor is stored in a container of ``width`` bits, the smallest
 1, 2, 4, 8 holding ``b``; ``8 // width`` codes share a byte, first code in the low
 bits (so 3-4 bit weights pack two per byte as nibbles). ``encoding="signed"`` codes
 in ``[-n, n]`` are stored two's complement; ``"odd"`` codes ``Z = 2k - n`` (binary,
-DoReFa, PACT) are stored as ``k`` in ``[0, 2**b - 1]``. :func:`load_integer` undoes it,
+weights without a zero level) are stored as ``k`` in ``[0, 2**b - 1]``. :func:`load_integer` undoes it,
 giving a state_dict for ``fold_groups_into_bn(quantize_model(build(), cfg))``.
 """
 from __future__ import annotations

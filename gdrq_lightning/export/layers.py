@@ -1,7 +1,7 @@
 """Integer-weight layers: what a quantized conv/linear becomes after export folding.
 
-A layer holds its integer codes ``Z`` (an int8 buffer; int16 only for DoReFa/PACT
-8-bit weights, whose odd codes reach ±255) and the per-output-channel step ``s``
+A layer holds its integer codes ``Z`` (an int8 buffer; int16 only for 8-bit odd codes
+``2k - 255``, which reach ±255) and the per-output-channel step ``s``
 with ``Z * s`` equal to the fake-quantized weight. It computes ``conv(x, Z)`` and
 
 * ``folded_into is None``: keeps ``s`` as an output scale, ``y = s * conv(x, Z) + c``;
@@ -16,22 +16,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..quant import Method, QuantConv2d, QuantLinear
+from ..quant import QuantConv2d, QuantLinear
 
 
 def code_dtype(codes: Tensor) -> torch.dtype:
-    """Smallest signed container for ``codes``: int8, else int16 (DoReFa/PACT 8-bit)."""
+    """Smallest signed container for ``codes``: int8, else int16 (8-bit odd codes)."""
     lo, hi = (int(codes.min()), int(codes.max())) if codes.numel() else (0, 0)
     return torch.int8 if -128 <= lo and hi <= 127 else torch.int16
-
-
-def code_encoding(method: Method, bits: int) -> str:
-    """``"odd"`` when codes are ``2k - n`` (binary, DoReFa/PACT), else ``"signed"`` (``[-n, n]``).
-
-    Odd codes are stored on disk as ``k = (Z + n) / 2`` in ``[0, 2**b - 1]``, which fits
-    ``b`` unsigned bits where ``Z`` itself would need ``b + 1``.
-    """
-    return "odd" if bits == 1 or method in (Method.dorefa, Method.pact) else "signed"
 
 
 class _IntegerLayer(nn.Module):
@@ -44,8 +35,6 @@ class _IntegerLayer(nn.Module):
     def _init_state(self, layer: QuantConv2d | QuantLinear, name: str) -> None:
         wq = layer.weight_quantizer
         codes, step = wq.to_integer(layer.weight.detach())
-        if wq.bits == 1:  # a dead (all-zero) filter gives sign 0; any sign times a ~0 step is 0
-            codes = torch.where(codes >= 0, 1, -1).to(codes.dtype)
         self.register_buffer("codes", codes.to(code_dtype(codes)))
         self.register_buffer("step", step.detach().float().clone())
         bias = None if layer.bias is None else layer.bias.detach().clone()
@@ -54,7 +43,7 @@ class _IntegerLayer(nn.Module):
         self.method = wq.method
         self.bits = wq.bits
         self.groups_used = wq.n_groups
-        self.encoding = code_encoding(wq.method, wq.bits)
+        self.encoding = wq.code_encoding  # "odd" codes 2k - n are stored as k (see .integer)
         self.folded_into: str | None = None
 
     def _finish(self, y: Tensor, channel_shape: tuple[int, ...]) -> Tensor:

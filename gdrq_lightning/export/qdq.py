@@ -6,11 +6,12 @@ low-bit ops here are ``torch.autograd.Function``s with a ``symbolic``:
 * weights: a constant int8 initializer -> ``DequantizeLinear`` per output channel
   (``axis=0``); the BatchNorm that followed the conv is folded into that scale and
   the conv bias. A negative BN factor flips the (symmetric) codes instead of the
-  scale's sign. DoReFa/PACT 8-bit codes ``2k - 255`` do not fit int8: they go out as
+  scale's sign. 8-bit odd codes ``2k - 255`` do not fit int8: they go out as
   uint8 ``k`` with scale ``2s`` followed by ``Sub(255 s)`` (a float per-channel offset).
-* activations (QCDQ): ``QuantizeLinear`` (uint8, zero point 0) -> ``Clip(q_min, q_max)``
-  -> ``DequantizeLinear``; the Clip is omitted at the full uint8 range. HWGQ uses
-  ``q_min = 1`` and ``Where(x > 0, ., 0)``, which is its rule exactly: ``(0, D/2)`` maps to ``D``.
+* activations (QCDQ), from each quantizer's :class:`~gdrq_lightning.quant.ActGrid`:
+  ``QuantizeLinear`` (uint8, zero point 0) -> ``Clip(q_min, q_max)`` -> ``DequantizeLinear``;
+  the Clip is omitted at the full uint8 range. A grid with ``zero_nonpositive`` (HWGQ) adds
+  ``Where(x > 0, ., 0)``, which with ``q_min = 1`` is that rule exactly: ``(0, D/2)`` maps to ``D``.
 
 The PyTorch forward of each function computes the same formula (``x / s``, not
 ``x * (1/s)``), so ONNX Runtime agrees with it to float rounding.
@@ -24,12 +25,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..quant import ActQuantizer, Method, QuantReLU, QuantReLU6
-from ..quant import primitives as P
+from ..quant import ActQuantizer, QuantReLU, QuantReLU6
 from .fold import set_module
 from .layers import INTEGER_LAYER_TYPES, IntegerConv2d
-
-_MIN_SCALE = 1e-8  # as in primitives: a dead activation's step
 
 
 class DequantWeight(torch.autograd.Function):
@@ -50,13 +48,13 @@ class QuantizeAct(torch.autograd.Function):
     """``s * clamp(round(x / s), q_min, q_max)`` (uint8 grid); HWGQ keeps ``x <= 0`` at 0."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, hwgq: bool) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int, zero_nonpositive: bool) -> Tensor:  # type: ignore[override]
         s = scale.reshape((1, -1) + (1,) * (x.dim() - 2)) if scale.dim() else scale
         y = torch.clamp(torch.round(x / s), qmin, qmax) * s
-        return torch.where(x > 0, y, torch.zeros_like(y)) if hwgq else y
+        return torch.where(x > 0, y, torch.zeros_like(y)) if zero_nonpositive else y
 
     @staticmethod
-    def symbolic(g, x, scale, qmin: int, qmax: int, hwgq: bool):  # type: ignore[no-untyped-def]
+    def symbolic(g, x, scale, qmin: int, qmax: int, zero_nonpositive: bool):  # type: ignore[no-untyped-def]
         sizes = scale.type().sizes()
         per_channel = len(sizes) == 1
         zero = g.op("Constant", value_t=torch.zeros(sizes, dtype=torch.uint8))
@@ -67,7 +65,7 @@ class QuantizeAct(torch.autograd.Function):
             hi = g.op("Constant", value_t=torch.tensor(qmax, dtype=torch.uint8))
             q = g.op("Clip", q, lo, hi)
         y = g.op("DequantizeLinear", q, scale, zero, **axis)
-        if not hwgq:
+        if not zero_nonpositive:
             return y
         positive = g.op("Greater", x, g.op("Constant", value_t=torch.tensor(0.0)))
         return g.op("Where", positive, y, g.op("Constant", value_t=torch.tensor(0.0)))
@@ -113,40 +111,23 @@ class QDQLinear(QDQWeightLayer):
 class QDQAct(nn.Module):
     """An activation quantizer in QCDQ form; ``scale`` is 0-dim or per channel (axis 1)."""
 
-    def __init__(self, scale: Tensor, qmin: int, qmax: int, hwgq: bool, meta: dict[str, Any]) -> None:
+    def __init__(self, scale: Tensor, qmin: int, qmax: int, zero_nonpositive: bool, meta: dict[str, Any]) -> None:
         super().__init__()
         self.register_buffer("scale", scale.float())
-        self.qmin, self.qmax, self.hwgq, self.meta = qmin, qmax, hwgq, meta
+        self.qmin, self.qmax, self.zero_nonpositive, self.meta = qmin, qmax, zero_nonpositive, meta
 
     def forward(self, x: Tensor) -> Tensor:
-        return QuantizeAct.apply(x, self.scale, self.qmin, self.qmax, self.hwgq)
+        return QuantizeAct.apply(x, self.scale, self.qmin, self.qmax, self.zero_nonpositive)
 
     def extra_repr(self) -> str:
-        return f"qmin={self.qmin}, qmax={self.qmax}, hwgq={self.hwgq}"
+        return f"qmin={self.qmin}, qmax={self.qmax}, zero_nonpositive={self.zero_nonpositive}"
 
 
 def act_qcdq(q: ActQuantizer, channels: int | None) -> QDQAct:
     """The QCDQ equivalent of an activation quantizer (quantization on, eval mode)."""
-    n = P.unsigned_levels(q.bits)
+    grid = q.export_grid(channels)
     meta = {"method": q.method.value, "bits": q.bits, "groups": q.act_groups}
-    if q.method == Method.hwgq:
-        return QDQAct(torch.tensor(float(q.hwgq_step)), 1, n, True, meta)
-    if q.method == Method.dorefa:
-        return QDQAct(torch.tensor(1.0 / n), 0, n, False, meta)
-    if q.method == Method.pact:
-        return QDQAct((q.alpha.detach().float() / n).clamp_min(_MIN_SCALE).reshape(()), 0, n, False, meta)
-    if q.method == Method.lsq:
-        step = q.step.detach().float().reshape(())
-        qmax = n if q.upper is None else min(n, int(torch.round(q.upper / step)))
-        return QDQAct(step, 0, qmax, False, meta)
-    scale = (q.threshold().detach().float() / n).clamp_min(_MIN_SCALE)
-    if q.act_groups == 1:
-        return QDQAct(scale.reshape(()), 0, n, False, meta)
-    if channels is None:
-        raise ValueError(
-            f"layer '{q.layer_name}': act_groups={q.act_groups} needs the channel count from an example input"
-        )
-    return QDQAct(scale.repeat_interleave(channels // q.act_groups), 0, n, False, meta)
+    return QDQAct(grid.scale, grid.qmin, grid.qmax, grid.zero_nonpositive, meta)
 
 
 @torch.no_grad()

@@ -1,11 +1,12 @@
-"""Quantization core: math (:mod:`.primitives`), config, quantizer modules, layers, swap."""
+"""Quantization core: shared math (:mod:`.primitives`, :mod:`.kernels`), one module per
+method (:mod:`.methods`), config, quantizer base classes, layers and the swap."""
 from .config import HWGQBackward, Method, QuantConfig
 from .layers import QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
-from .quantizers import ActQuantizer, WeightQuantizer
-from .swap import dequantize_model, quantize_model, quantized_layers, quantizers, set_quant_state
+from .quantizers import ActGrid, ActQuantizer, WeightQuantizer
+from .swap import dequantize_model, named_quantizers, quantize_model, quantized_layers, set_quant_state
 
 __all__ = [
-    "ActQuantizer", "HWGQBackward", "Method", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantReLU",
-    "QuantReLU6", "WeightQuantizer", "dequantize_model", "quantize_model", "quantized_layers", "quantizers",
+    "ActGrid", "ActQuantizer", "HWGQBackward", "Method", "QuantConfig", "QuantConv2d", "QuantLinear", "QuantReLU",
+    "QuantReLU6", "WeightQuantizer", "dequantize_model", "named_quantizers", "quantize_model", "quantized_layers",
     "set_quant_state",
 ]

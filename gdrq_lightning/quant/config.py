@@ -126,24 +126,23 @@ class QuantConfig:
             self.for_layer(pattern, fields)  # validates the merged values
 
     def validate(self, where: str = "") -> None:
-        """Check every per-layer field; ``where`` prefixes messages with a layer name."""
+        """Check every per-layer field; ``where`` prefixes messages with a layer name.
+
+        Fields every method reads are checked here; a method checks its own options
+        (``methods/<name>.py``), and every registered method's check runs.
+        """
+        from .methods import validators  # the method modules import this one
+
         _check_int("weight_bits", self.weight_bits, 1, 8, where)
         _check_int("act_bits", self.act_bits, 1, 8, where)
         _check_int("groups", self.groups, 1, None, where)
         _check_int("act_groups", self.act_groups, 1, None, where)
         _check_positive("k_w", self.k_w, where)
         _check_positive("k_a", self.k_a, where)
-        _check_positive("pact_alpha_init", self.pact_alpha_init, where)
         if not isinstance(self.momentum, (int, float)) or not 0 < self.momentum <= 1:
             raise ValueError(f"{where}QuantConfig.momentum={self.momentum!r} must be in (0, 1]")
-        if not isinstance(self.pact_decay, (int, float)) or self.pact_decay < 0:
-            raise ValueError(f"{where}QuantConfig.pact_decay={self.pact_decay!r} must be >= 0")
-        if self.hwgq_step is not None:
-            _check_positive("hwgq_step", self.hwgq_step, where)
-        if self.method == Method.lsq and self.weight_bits < 2:
-            raise ValueError(
-                f"{where}QuantConfig.weight_bits=1 is invalid for method 'lsq' (needs >= 2 bits for more than one level)"
-            )
+        for check in validators():
+            check(self, where)
 
     def for_layer(self, name: str, fields: dict[str, Any]) -> QuantConfig:
         """This config with ``fields`` applied, validated, for the layer ``name``."""
@@ -153,16 +152,3 @@ class QuantConfig:
             return dataclasses.replace(self, skip=[], overrides={}, **{k: base[k] for k in LAYER_FIELDS})
         except ValueError as err:
             raise ValueError(f"layer '{name}': {err}") from None
-
-    @property
-    def uses_scale_clip(self) -> bool:
-        return self.method in (Method.gdrq, Method.scale_clip)
-
-    @property
-    def weight_groups(self) -> int | None:
-        """Configured weight groups; ``None`` means one per filter (HWGQ), 1 for methods without groups."""
-        if self.method == Method.hwgq:
-            return None
-        if self.method in (Method.gdrq, Method.group, Method.lsq):
-            return self.groups
-        return 1

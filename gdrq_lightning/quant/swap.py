@@ -2,7 +2,8 @@
 
 Dispatch goes through ``SWAP_REGISTRY`` on the module's exact type, so subclasses
 with their own math (timm ``StdConv2d``, torchvision ``FrozenBatchNorm2d`` neighbours,
-our own quantized layers) are never swapped by accident.
+our own quantized layers) are never swapped by accident. Every activation call site gets
+its own quantizer (see :mod:`.split`).
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from torch import nn
 from .config import Method, QuantConfig
 from .layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
 from .quantizers import ActQuantizer, WeightQuantizer
+from .split import activation_reuse, split_known_blocks
 
 Builder = Callable[[nn.Module, QuantConfig, str], nn.Module]
 FilterFn = Callable[[nn.Module, str], bool]
 
+ACTIVATIONS: tuple[type[nn.Module], ...] = (nn.ReLU, nn.ReLU6)
 SWAP_REGISTRY: dict[type[nn.Module], Builder] = {
     nn.Conv2d: QuantConv2d.from_float,
     nn.Linear: QuantLinear.from_float,
@@ -56,12 +59,19 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
         config: the quantization config; ``method='none'`` returns ``model`` untouched.
         filter_fn: optional ``(module, name) -> bool``; ``False`` keeps a module float.
 
+    Activation modules get one quantizer per call site: torchvision ResNet blocks, which
+    call one ``relu`` several times, are split first (:func:`split_known_blocks`); a
+    module registered under several names gets one quantized module per name.
+
     Raises:
-        ValueError: an ``overrides`` pattern matches no swappable layer, or a layer's
-            resolved config is invalid (the message names the layer and value).
+        ValueError: an ``overrides`` pattern matches no swappable layer, a layer's
+            resolved config is invalid, or an activation to quantize is called more than
+            once per forward (one quantizer would pool the statistics of its call sites);
+            the message names the layer.
     """
     if config.method == Method.none:
         return model
+    split_known_blocks(model)
     skip = config.skip if config.skip is not None else default_skip(model)
     targets = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and type(m) in SWAP_REGISTRY]
     names = [n for n, _ in targets]
@@ -74,22 +84,39 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
                 f"QuantConfig.overrides pattern {pattern!r} matches no conv/linear/ReLU layer "
                 f"(some layer names: {', '.join(names[:5])} ...)"
             )
-    swapped: dict[int, nn.Module] = {}
+    plan: list[tuple[str, nn.Module, QuantConfig]] = []
     for name, module in targets:
         if any(name_matches(name, p) for p in skip) or (filter_fn is not None and not filter_fn(module, name)):
             continue
-        if id(module) not in swapped:
-            fields: dict = {}
-            for pattern, override in config.overrides.items():
-                if name_matches(name, pattern):
-                    fields.update(override)
-            layer_cfg = config.for_layer(name, fields)
-            if layer_cfg.method == Method.none:
-                continue
-            swapped[id(module)] = SWAP_REGISTRY[type(module)](module, layer_cfg, name)
+        fields: dict = {}
+        for pattern, override in config.overrides.items():
+            if name_matches(name, pattern):
+                fields.update(override)
+        layer_cfg = config.for_layer(name, fields)
+        if layer_cfg.method != Method.none:
+            plan.append((name, module, layer_cfg))
+    _check_activation_reuse(model, {name for name, module, _ in plan if type(module) in ACTIVATIONS})
+    # a conv/linear registered under two names shares its weights: one quantized layer;
+    # an activation gets one quantized module per name
+    swapped: dict[tuple[int, str], nn.Module] = {}
+    for name, module, layer_cfg in plan:
+        key = (id(module), name if type(module) in ACTIVATIONS else "")
+        if key not in swapped:
+            swapped[key] = SWAP_REGISTRY[type(module)](module, layer_cfg, name)
         parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, swapped[id(module)])
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, swapped[key])
     return model
+
+
+def _check_activation_reuse(model: nn.Module, to_quantize: set[str]) -> None:
+    reused = {n: c for n, c in activation_reuse(model, ACTIVATIONS).items() if n in to_quantize}
+    if reused:
+        found = ", ".join(f"'{n}' ({c} calls)" for n, c in reused.items())
+        raise ValueError(
+            f"activation module(s) {found} are called more than once per forward; one quantizer per module "
+            f"would pool the statistics of its call sites. Give each call site its own module "
+            f"(torchvision ResNet blocks are split automatically) or keep it float with QuantConfig.skip"
+        )
 
 
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -97,7 +124,7 @@ def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QUANT_LAYER_TYPES)]
 
 
-def quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer | ActQuantizer]]:
+def named_quantizers(model: nn.Module) -> Iterator[tuple[str, WeightQuantizer | ActQuantizer]]:
     """``(name, quantizer)`` for every weight and activation quantizer in ``model``."""
     for name, module in model.named_modules():
         if isinstance(module, (WeightQuantizer, ActQuantizer)):
@@ -113,18 +140,10 @@ def set_quant_state(
     groups: bool | None = None,
 ) -> None:
     """Flip the switches of every quantizer in ``model``; ``None`` leaves a switch as it is."""
-    for _, q in quantizers(model):
-        flags: dict[str, bool] = {}
-        if scale_clip is not None:
-            flags["clip_on"] = scale_clip
-        if isinstance(q, WeightQuantizer):
-            if quant_weights is not None:
-                flags["quant_on"] = quant_weights
-            if groups is not None:
-                flags["groups_on"] = groups
-        elif quant_acts is not None:
-            flags["quant_on"] = quant_acts
-        q.set_switches(**flags)
+    for _, q in named_quantizers(model):
+        quant = quant_weights if isinstance(q, WeightQuantizer) else quant_acts
+        flags = {"clip_on": scale_clip, "quant_on": quant, "groups_on": groups}
+        q.set_switches(**{k: v for k, v in flags.items() if v is not None and k in q.switch_names})
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

@@ -14,13 +14,13 @@ from pytorch_lightning.loggers import CSVLogger
 
 from gdrq_lightning import GDRQCallback, QuantConfig, Schedule, quantize_model, quantized_layers
 from gdrq_lightning.callback import STATE_VERSION
-from gdrq_lightning.quant import quantizers
+from gdrq_lightning.quant import named_quantizers
 
 GDRQ_W4A4 = QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4)
 
 
 def switch_values(model: torch.nn.Module) -> set[bool]:
-    return {bool(getattr(q, name)) for _, q in quantizers(model) for name in q.switch_names}
+    return {bool(getattr(q, name)) for _, q in named_quantizers(model) for name in q.switch_names}
 
 
 @pytest.fixture

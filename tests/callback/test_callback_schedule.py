@@ -12,7 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.testing import assert_close
 
 from gdrq_lightning import GDRQCallback, QuantConfig, Schedule, quantized_layers
-from gdrq_lightning.quant import dequantize_model, quantizers
+from gdrq_lightning.quant import dequantize_model, named_quantizers
 from gdrq_lightning.quant.quantizers import WeightQuantizer
 from gdrq_lightning.schedule import PHASES
 
@@ -23,7 +23,7 @@ FIXED_X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 def switches(model: nn.Module) -> dict[str, set[bool]]:
     """Every quantizer switch, as ``{"w.clip_on": {values}, "a.quant_on": {values}, ...}``, read from the buffers."""
     out: dict[str, set[bool]] = {}
-    for _, q in quantizers(model):
+    for _, q in named_quantizers(model):
         kind = "w" if isinstance(q, WeightQuantizer) else "a"
         for name in q.switch_names:
             buffer = bool(getattr(q, name))

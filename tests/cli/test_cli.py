@@ -104,7 +104,7 @@ def test_gdrq_fit_digits_end_to_end(tmp_path: Path) -> None:
     epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("[epoch ")]
     assert len(epoch_lines) == 1 and epoch_lines[0].startswith("[epoch 1/1] 2 steps, "), proc.stdout[-2000:]
     assert "| val/acc1 " in epoch_lines[0] and "\r" not in proc.stdout
-    assert "[gdrq] quantized 28 layers (gdrq W4A4)" in proc.stderr
+    assert "[gdrq] quantized 36 layers (gdrq W4A4)" in proc.stderr
     assert "[gdrq] val/acc1 at the end of each phase -> fp: " in proc.stderr
     last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
     assert last.is_file() and (tmp_path / "runs" / "config.yaml").is_file()

@@ -27,6 +27,7 @@ from gdrq_lightning.export.fold import fold_groups_into_bn
 from gdrq_lightning.export.qdq import QDQAct, build_qdq_model
 from gdrq_lightning.export.report import layer_report
 from gdrq_lightning.quant import primitives as P
+from gdrq_lightning.quant.methods import hwgq as hwgq_m
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -132,11 +133,11 @@ def test_tiny_onnxruntime_matches(models, case, tmp_path):
 
 def test_hwgq_small_positives_map_to_first_level(tmp_path):
     """HWGQ's (0, D/2) -> D rule survives export: Where(x > 0, DQ(Clip(Q(x), 1, n)), 0)."""
-    step = P.hwgq_optimal_step(2)
+    step = hwgq_m.hwgq_optimal_step(2)
     act = QDQAct(torch.tensor(step), 1, 3, True, {})
     x = torch.tensor([[-1.0, 0.0, 1e-6, 0.2 * step, 0.49 * step, 0.51 * step, 1.5 * step, 2.5 * step, 10.0]])
     to_onnx(torch.nn.Sequential(act), x, tmp_path / "h.onnx")
-    expected = P.hwgq_forward(x, step, 2)
+    expected = hwgq_m.hwgq_forward(x, step, 2)
     assert expected[0, 2] == step  # the reference rule itself
     torch.testing.assert_close(run_onnxruntime(tmp_path / "h.onnx", x), expected, rtol=0, atol=0)
     torch.testing.assert_close(act(x), expected, rtol=0, atol=0)

@@ -13,6 +13,7 @@ from torch import nn
 from gdrq_lightning import QuantConfig
 from gdrq_lightning.quant import ActQuantizer, WeightQuantizer
 from gdrq_lightning.quant import primitives as P
+from gdrq_lightning.quant.methods import hwgq as hwgq_m
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -180,14 +181,14 @@ def test_half_precision_inputs_take_the_reference_path() -> None:
 
 @pytest.mark.parametrize("mode", ["relu", "clipped", "log_tailed"])
 def test_hwgq_fast_path_equals_reference_rule(mode: str) -> None:
-    step, bits = P.hwgq_optimal_step(2), 2
+    step, bits = hwgq_m.hwgq_optimal_step(2), 2
     q_max = 3 * step
     x = torch.randn(4, 8, 5, 5) * 2
     x.view(-1)[:6] = torch.tensor([0.0, -0.0, q_max, step / 2, 1e-30, -1e-30])
     xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
     up = torch.randn_like(x)
-    out = P.hwgq(xa, step, bits, mode)
-    bits_equal(out, P.hwgq_forward(x, step, bits))
+    out = hwgq_m.hwgq(xa, step, bits, mode)
+    bits_equal(out, hwgq_m.hwgq_forward(x, step, bits))
     (out * up).sum().backward()
     pos = xb.detach() > 0
     if mode == "relu":

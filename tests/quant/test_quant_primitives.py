@@ -8,6 +8,10 @@ import torch
 from torch.testing import assert_close
 
 from gdrq_lightning.quant import primitives as P
+from gdrq_lightning.quant.methods import dorefa as dorefa_m
+from gdrq_lightning.quant.methods import hwgq as hwgq_m
+from gdrq_lightning.quant.methods import lsq as lsq_m
+from gdrq_lightning.quant.methods import pact as pact_m
 
 
 def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -176,7 +180,7 @@ def test_binarize_gradient_is_straight_through() -> None:
 def test_pact_gradients() -> None:
     alpha = torch.nn.Parameter(torch.tensor([2.0]))
     x = torch.tensor([-1.0, 0.5, 0.9, 2.0, 3.0, 5.0], requires_grad=True)
-    y = P.pact_act(x, alpha, bits=2)
+    y = pact_m.pact_act(x, alpha, bits=2)
     s = 2.0 / 3
     assert_close(y, s * torch.round(torch.clamp(x.detach(), 0, 2.0) / s))
     y.sum().backward()
@@ -188,13 +192,13 @@ def test_pact_gradients() -> None:
 def test_pact_l2_decay_on_alpha() -> None:
     alpha = torch.nn.Parameter(torch.tensor([2.0]))
     x = torch.tensor([-1.0, 0.5, 2.5, 3.0])
-    P.pact_act(x, alpha, bits=4, decay=0.1).sum().backward()
+    pact_m.pact_act(x, alpha, bits=4, decay=0.1).sum().backward()
     assert_close(alpha.grad, torch.tensor([2.0 + 0.1 * 2.0]), atol=1e-7, rtol=0)
 
 
 def test_grad_scale() -> None:
     x = (torch.rand(1000) * 3).requires_grad_()
-    y = P.grad_scale(x, 0.0123)
+    y = lsq_m.grad_scale(x, 0.0123)
     exact(y, x.detach())  # identity forward, bit for bit
     y.sum().backward()
     assert_close(x.grad, torch.full((1000,), 0.0123))
@@ -204,9 +208,9 @@ def test_lsq_gradients_match_paper() -> None:
     # 3-bit signed: Q_n = Q_p = 3
     x = torch.tensor([-2.0, -0.37, 0.05, 0.62, 1.9, 4.0], requires_grad=True)
     step = torch.nn.Parameter(torch.tensor(0.5))
-    g = P.lsq_grad_scale(x.numel(), 3)
+    g = lsq_m.lsq_grad_scale(x.numel(), 3)
     assert g == 1 / math.sqrt(6 * 3)
-    y = P.lsq_fake_quant(x, step, -3, 3, g)
+    y = lsq_m.lsq_fake_quant(x, step, -3, 3, g)
     exact(y, torch.tensor([-1.5, -0.5, 0.0, 0.5, 1.5, 1.5]))
     y.sum().backward()
     # d/ds: Q_n below, Q_p above, -x/s + round(x/s) inside (LSQ eq. 3), times g
@@ -217,7 +221,7 @@ def test_lsq_gradients_match_paper() -> None:
 
 def test_lsq_init_step() -> None:
     x = torch.randn(100)
-    exact(P.lsq_init_step(x, 7), 2 * x.abs().mean() / math.sqrt(7))
+    exact(lsq_m.lsq_init_step(x, 7), 2 * x.abs().mean() / math.sqrt(7))
 
 
 # --- DoReFa ----------------------------------------------------------------------------------
@@ -227,7 +231,7 @@ def test_lsq_init_step() -> None:
 def test_dorefa_weight_levels(bits: int) -> None:
     n = 2**bits - 1
     w = torch.randn(64, 9)
-    out = P.dorefa_weight(w, bits)
+    out = dorefa_m.dorefa_weight(w, bits)
     k = (out + 1) * n / 2
     assert_close(k, torch.round(k), atol=1e-4, rtol=0)
     assert out.min() == -1 and out.max() == 1  # the largest |tanh w| lands on +-1 ... one of them
@@ -238,7 +242,7 @@ def test_dorefa_weight_levels(bits: int) -> None:
 
 def test_dorefa_act_values_and_gradient() -> None:
     x = torch.tensor([-0.5, 0.1, 0.4, 0.95, 1.5], requires_grad=True)
-    y = P.dorefa_act(x, 2)
+    y = dorefa_m.dorefa_act(x, 2)
     exact(y, torch.tensor([0.0, 0.0, 1 / 3, 1.0, 1.0]))
     y.sum().backward()
     exact(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
@@ -251,7 +255,7 @@ PAPER_STEPS = {1: 0.799, 2: 0.538, 3: 0.3217, 4: 0.185}
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_hwgq_optimal_step_matches_paper(bits: int) -> None:
-    assert abs(P.hwgq_optimal_step(bits) - PAPER_STEPS[bits]) <= 0.003
+    assert abs(hwgq_m.hwgq_optimal_step(bits) - PAPER_STEPS[bits]) <= 0.003
 
 
 def test_hwgq_optimal_step_minimises_monte_carlo_mse() -> None:
@@ -269,13 +273,13 @@ def test_hwgq_optimal_step_minimises_monte_carlo_mse() -> None:
     for bits in (1, 2, 3, 4):
         coarse = argmin(torch.arange(0.05, 1.2, 0.01, dtype=torch.float64), bits)
         fine = argmin(torch.arange(coarse - 0.01, coarse + 0.01, 0.0005, dtype=torch.float64), bits)
-        assert abs(P.hwgq_optimal_step(bits) - fine) <= 0.01, (bits, fine)
+        assert abs(hwgq_m.hwgq_optimal_step(bits) - fine) <= 0.01, (bits, fine)
 
 
 def test_hwgq_forward_two_bit_levels() -> None:
-    d = P.hwgq_optimal_step(2)
+    d = hwgq_m.hwgq_optimal_step(2)
     x = torch.cat([torch.randn(10_000), torch.tensor([1e-6, 1e-3, 0.0, -1e-6])])
-    out = P.hwgq_forward(x, d, 2)
+    out = hwgq_m.hwgq_forward(x, d, 2)
     levels = torch.tensor([0.0, d, 2 * d, 3 * d], dtype=torch.float32)
     exact(torch.unique(out), levels)
     assert (out[x > 0] > 0).all()  # a positive input never maps to 0
@@ -285,8 +289,8 @@ def test_hwgq_forward_two_bit_levels() -> None:
 def test_hwgq_forward_hand_values() -> None:
     x = torch.tensor([-1.0, 0.0, 0.01, 0.24, 0.26, 0.74, 0.76, 1.2, 1.3, 10.0])
     expected = torch.tensor([0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0, 1.5, 1.5])
-    exact(P.hwgq_forward(x, 0.5, 2), expected)
-    exact(P.hwgq(x, 0.5, 2, "clipped"), expected)
+    exact(hwgq_m.hwgq_forward(x, 0.5, 2), expected)
+    exact(hwgq_m.hwgq(x, 0.5, 2, "clipped"), expected)
 
 
 @pytest.mark.parametrize(
@@ -300,5 +304,5 @@ def test_hwgq_forward_hand_values() -> None:
 def test_hwgq_backward_modes(mode: str, expected: list[float]) -> None:
     # D = 0.5, 2 bits: q_max = 1.5; log tail 1 / (x - q_max + 1) at 2.5 and 4.5
     x = torch.tensor([-1.0, 0.0, 0.1, 0.7, 1.5, 2.5, 4.5], requires_grad=True)
-    P.hwgq(x, 0.5, 2, mode).sum().backward()
+    hwgq_m.hwgq(x, 0.5, 2, mode).sum().backward()
     exact(x.grad, torch.tensor(expected))

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from gdrq_lightning import QuantConfig
 from gdrq_lightning.quant import ActQuantizer, WeightQuantizer
 from gdrq_lightning.quant import primitives as P
+from gdrq_lightning.quant.methods import hwgq as hwgq_m
 
 
 def exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -222,9 +223,9 @@ def test_pact_act_quantizer_alpha_gradient() -> None:
 
 def test_hwgq_act_quantizer_uses_optimal_step_or_override() -> None:
     q = ActQuantizer(QuantConfig(method="hwgq", act_bits=2))
-    assert q.hwgq_step == P.hwgq_optimal_step(2)
+    assert q.hwgq_step == hwgq_m.hwgq_optimal_step(2)
     x = torch.randn(1000)
-    exact(q(x), P.hwgq_forward(x, q.hwgq_step, 2))
+    exact(q(x), hwgq_m.hwgq_forward(x, q.hwgq_step, 2))
     q = ActQuantizer(QuantConfig(method="hwgq", act_bits=2, hwgq_step=0.5, hwgq_backward="relu"))
     exact(q(torch.tensor([0.01, 2.0])), torch.tensor([0.5, 1.5]))
     q.set_switches(quant_on=False)
