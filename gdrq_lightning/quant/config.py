@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Literal, Union
 
 
 class Method(str, Enum):
@@ -56,6 +56,17 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None, where: str
         raise ValueError(f"{where}QuantConfig.{name}={value!r} is out of range (allowed: integer {rng})")
 
 
+ClipFactor = Union[float, Literal["auto"]]
+
+
+def _clip_factor(name: str, value: Any, where: str = "") -> float | str:
+    """A Scale-Clip factor: a number > 0, or ``"auto"`` (calibrated to the least quantization MSE)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    _check_positive(name, value, where)
+    return value
+
+
 def _check_positive(name: str, value: Any, where: str = "") -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
         raise ValueError(f"{where}QuantConfig.{name}={value!r} must be a number > 0")
@@ -72,8 +83,11 @@ class QuantConfig:
         act_bits: 1..8 for activations after ReLU/ReLU6.
         groups: filter groups ``G`` along ``C_out`` per conv/linear (must divide
             ``C_out``; 1 = per layer). ``hwgq`` always uses one ``alpha`` per filter.
-        k_w: Scale-Clip weight factor, ``T_g = k_w * mean|W_g|``.
-        k_a: Scale-Clip activation factor, ``T_a = k_a * EMA(mean|a|)``.
+        k_w: Scale-Clip weight factor, ``T_g = k_w * mean|W_g|``, or ``"auto"``: per layer, the
+            factor with the least quantization MSE of its weights at its bit width.
+        k_a: Scale-Clip activation factor, ``T_a = k_a * EMA(mean|a|)``; ``"auto"`` (default):
+            per layer, the factor with the least quantization MSE of its activations, chosen on
+            calibration batches (SPEC §2).
         momentum: EMA momentum of activation statistics.
         act_groups: channel groups with their own activation statistics.
         hwgq_backward: ``relu``, ``clipped`` (default) or ``log_tailed``.
@@ -92,8 +106,8 @@ class QuantConfig:
     weight_bits: int = 4
     act_bits: int = 4
     groups: int = 1
-    k_w: float = 2.0
-    k_a: float = 4.0
+    k_w: ClipFactor = 2.0
+    k_a: ClipFactor = "auto"
     momentum: float = 0.01
     act_groups: int = 1
     hwgq_backward: HWGQBackward | str = HWGQBackward.clipped
@@ -137,8 +151,8 @@ class QuantConfig:
         _check_int("act_bits", self.act_bits, 1, 8, where)
         _check_int("groups", self.groups, 1, None, where)
         _check_int("act_groups", self.act_groups, 1, None, where)
-        _check_positive("k_w", self.k_w, where)
-        _check_positive("k_a", self.k_a, where)
+        self.k_w = _clip_factor("k_w", self.k_w, where)
+        self.k_a = _clip_factor("k_a", self.k_a, where)
         if not isinstance(self.momentum, (int, float)) or not 0 < self.momentum <= 1:
             raise ValueError(f"{where}QuantConfig.momentum={self.momentum!r} must be in (0, 1]")
         for check in validators():

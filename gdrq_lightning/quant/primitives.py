@@ -232,3 +232,56 @@ def binary_codes(wq: Tensor) -> tuple[Tensor, Tensor]:
     """
     step = wq.reshape(wq.shape[0], -1).abs().amax(dim=1).clamp_min(1e-12)
     return torch.where(wq >= 0, 1, -1).to(torch.int32), step
+
+
+# --- calibrated clip factors (``k_w`` / ``k_a: auto``) ------------------------------------------
+
+def clip_factor_grid(statistic: str, device: torch.device | str = "cpu") -> Tensor:
+    """Candidate factors ``k`` of a clip ``alpha = k * stat``: 96 log-spaced values, 0.5..64 for
+    ``stat = mean|x|`` (Scale-Clip) and 0.05..1 for ``stat = max|x|`` (a factor of the range)."""
+    lo, hi = (0.5, 64.0) if statistic == "mean" else (0.05, 1.0)
+    return torch.logspace(torch.log10(torch.tensor(lo)), torch.log10(torch.tensor(hi)), 96, device=device)
+
+
+def clip_errors(xv: Tensor, stat: Tensor, grid: Tensor, bits: int, signed: bool, upper: float | None = None) -> Tensor:
+    """Summed squared error of fake-quantizing ``xv`` with ``alpha = k * stat`` for each ``k``.
+
+    Args:
+        xv: samples as ``[G, L]`` (one row per quantization group).
+        stat: the per-group statistic ``[G, 1]`` the clip is a multiple of.
+        grid: candidate factors ``[K]`` (:func:`clip_factor_grid`).
+        bits: bit width of the signed (weights) or unsigned (activations) grid.
+        upper: a cap on ``alpha`` (ReLU6).
+
+    Returns:
+        ``[K]`` float64 sums, to be added over batches (and DDP ranks) before the ``argmin``.
+    """
+    n = signed_levels(bits) if signed else unsigned_levels(bits)
+    x = xv.detach().float()
+    alpha = grid.to(x).reshape(-1, 1, 1) * stat.detach().float().unsqueeze(0)  # [K, G, 1]
+    if upper is not None:
+        alpha = alpha.clamp(max=upper)
+    s = (alpha / n).clamp_min(MIN_SCALE)
+    lo = -alpha if signed else torch.zeros_like(alpha)
+    q = torch.round(torch.minimum(torch.maximum(x, lo), alpha) / s) * s  # [K, G, L]
+    return (q - x).pow(2).sum(dim=(1, 2), dtype=torch.float64)
+
+
+def best_clip_factor(grid: Tensor, errors: Tensor) -> float:
+    """The factor with the least error, refined by a parabola through its neighbours in ``log k``."""
+    i = int(torch.argmin(errors))
+    if i in (0, len(grid) - 1):
+        return float(grid[i])
+    x0, x1, x2 = (float(v) for v in torch.log(grid[i - 1 : i + 2].double()))
+    y0, y1, y2 = (float(v) for v in errors[i - 1 : i + 2])
+    den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    if den == 0:
+        return float(grid[i])
+    vertex = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / den
+    return float(torch.exp(torch.tensor(min(max(vertex, x0), x2))))
+
+
+def sample_columns(xv: Tensor, limit: int) -> Tensor:
+    """Every ``ceil(L / limit)``-th column of ``[G, L]``: a deterministic subsample (no RNG state used)."""
+    stride = max(1, -(-xv.shape[1] // limit))
+    return xv[:, ::stride]

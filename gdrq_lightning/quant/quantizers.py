@@ -108,6 +108,9 @@ class WeightQuantizer(Switches):
     def project_(self, w: Tensor) -> None:
         """Write the method's clamp back into ``w`` (only methods with ``project``)."""
 
+    def calibrate(self, w: Tensor) -> None:
+        """Choose data-dependent parameters from the weights ``w`` (methods with ``auto`` factors)."""
+
     def extra_repr(self) -> str:
         return f"method={self.method.value}, bits={self.bits}, groups={self.groups}"
 
@@ -161,6 +164,18 @@ class ActQuantizer(Switches):
     def export_grid(self, channels: int | None) -> ActGrid:
         """The eval-mode output grid (``channels``: the input's channel count, when known)."""
         raise NotImplementedError(f"method {self.method.value!r} has no export form for activations")
+
+    def begin_calibration(self) -> bool:
+        """Start collecting calibration data from the coming forward passes; ``False`` when the
+        method has nothing to calibrate (see :mod:`.calibration`)."""
+        return False
+
+    def calibration_errors(self) -> Tensor | None:
+        """What the calibration window collected, as one float64 vector (summable over ranks)."""
+        return None
+
+    def finish_calibration(self, errors: Tensor) -> None:
+        """Set the calibrated parameters from the (rank-summed) collected vector."""
 
     def extra_repr(self) -> str:
         return f"method={self.method.value}, bits={self.bits}"

@@ -36,8 +36,8 @@ def test_base_classes_build_the_configured_method(method: Method) -> None:
 @pytest.mark.parametrize(
     "method, act_state",
     [
-        ("gdrq", {"running_abs_mean", "initialized"}),
-        ("group", {"running_max", "initialized"}),
+        ("gdrq", {"running_abs_mean", "initialized", "k", "k_calibrated"}),
+        ("group", {"running_max", "initialized", "k", "k_calibrated"}),
         ("pact", {"alpha"}),
         ("lsq", {"step", "step_initialized"}),
         ("hwgq", set()),

@@ -19,7 +19,7 @@ def small_net() -> nn.Sequential:
 def test_defaults_and_string_options() -> None:
     cfg = QuantConfig()
     assert (cfg.method, cfg.weight_bits, cfg.act_bits, cfg.groups, cfg.k_w, cfg.k_a, cfg.momentum) == (
-        Method.gdrq, 4, 4, 1, 2.0, 4.0, 0.01,
+        Method.gdrq, 4, 4, 1, 2.0, "auto", 0.01,  # SPEC §2 (revised): k_a is calibrated by default
     )
     assert cfg.hwgq_backward.value == "clipped" and cfg.skip is None and cfg.overrides == {}
     assert QuantConfig(method="HWGQ", hwgq_backward="log_tailed").method is Method.hwgq
@@ -48,6 +48,7 @@ def test_bits_in_range(bits: int) -> None:
         ({"act_groups": 0}, r"act_groups=0"),
         ({"k_w": 0.0}, r"k_w=0\.0"),
         ({"k_a": -1.0}, r"k_a=-1\.0"),
+        ({"k_a": "best"}, r"k_a='best' must be a number > 0"),
         ({"momentum": 0.0}, r"momentum=0\.0"),
         ({"momentum": 1.5}, r"momentum=1\.5"),
         ({"pact_decay": -0.1}, r"pact_decay=-0\.1"),

@@ -5,12 +5,20 @@ and ``gdrq`` (both).
 Weights are clipped and quantized per group with a threshold recomputed on every forward
 pass; activations keep an EMA of ``mean|a|`` (Scale-Clip) or ``max a`` (group) per channel
 group, updated in training mode only and all-reduced across DDP ranks.
+
+The factor ``k`` is a buffer (``quantizer.k``, in every checkpoint). A number in the config
+is used as is (``group`` ignores it: its clip is the maximum, ``k = 1``); ``"auto"`` picks,
+per layer and bit width, the ``k`` with the least quantization MSE of the layer's tensor
+(:func:`~gdrq_lightning.quant.primitives.clip_errors`): for weights from the weights
+themselves, for activations from calibration batches (``begin_calibration`` /
+``finish_calibration``, summed over DDP ranks) or, until then, the first training batch.
+``group`` with ``auto`` clips at ``k · max`` with the best ``k <= 1``.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from .. import primitives as P
 from ..config import Method, QuantConfig
@@ -20,17 +28,46 @@ from . import register
 
 _SCALE_CLIP = (Method.gdrq, Method.scale_clip)
 _GROUPED = (Method.gdrq, Method.group)
+_SAMPLES = 32768  # elements per tensor (per batch, for activations) that the k search looks at
+AUTO_START = {"k_w": 2.0, "k_a": 4.0}  # k of an "auto" quantizer before it is calibrated
 
 
-class ThresholdWeightQuantizer(WeightQuantizer):
+def _initial_k(cfg: QuantConfig, field: str) -> float:
+    if cfg.method not in _SCALE_CLIP:
+        return 1.0  # group: the clip is the maximum itself
+    value = getattr(cfg, field)
+    return AUTO_START[field] if value == "auto" else float(value)
+
+
+class _CalibratedK(nn.Module):
+    """The clip factor ``k`` as a buffer, and whether ``auto`` has chosen it yet (a buffer too,
+    mirrored in Python so the forward pass checks it without a device sync)."""
+
+    def _init_k(self, cfg: QuantConfig, field: str) -> None:
+        self.k_auto = getattr(cfg, field) == "auto"
+        self.register_buffer("k", torch.tensor(_initial_k(cfg, field)))
+        self.register_buffer("k_calibrated", torch.tensor(False))
+        self._k_ready = not self.k_auto
+
+    def _set_k(self, k: float) -> None:
+        self.k.fill_(k)
+        self.k_calibrated.fill_(True)
+        self._k_ready = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._k_ready = not self.k_auto or bool(self.k_calibrated)
+
+
+class ThresholdWeightQuantizer(_CalibratedK, WeightQuantizer):
     """Scale-Clip (``clip_on``) and/or uniform quantization (``quant_on``) of ``G`` filter groups
     (``groups_on``; one group while it is off). The clip is ``k_w · mean|W_g|`` with Scale-Clip,
-    else ``max|W_g|``; 1 bit binarizes with ``mean|W_g|``."""
+    else ``k · max|W_g|``; 1 bit binarizes with ``mean|W_g|``."""
 
     def __init__(self, cfg: QuantConfig, out_channels: int, layer_name: str = "") -> None:
         super().__init__(cfg, out_channels, layer_name, groups=cfg.groups if cfg.method in _GROUPED else 1)
         self.scale_clip = cfg.method in _SCALE_CLIP
-        self.k = cfg.k_w
+        self._init_k(cfg, "k_w")
         self.project = cfg.project and self.scale_clip
 
     @property
@@ -41,13 +78,32 @@ class ThresholdWeightQuantizer(WeightQuantizer):
         """Scale-Clip threshold ``T_g = k_w * mean|W_g|`` for the groups in use, ``[G]``."""
         return P.scale_clip_threshold(w, self.n_groups, self.k)
 
+    def _range(self, w: Tensor) -> Tensor:
+        """The quantization clip without Scale-Clip: ``k * max|W_g|`` (``k = 1`` unless ``auto``)."""
+        alpha = P.group_abs_max(w, self.n_groups)
+        return alpha * self.k if self.k_auto else alpha
+
     def _clipping(self) -> bool:
         return self._on["clip_on"] and self.scale_clip
+
+    @torch.no_grad()
+    def calibrate(self, w: Tensor) -> None:
+        """``k_w: auto``: set ``k`` to the factor with the least quantization MSE of ``w`` for the
+        groups in use now (a no-op for numeric ``k_w`` and binary weights)."""
+        if not self.k_auto or self.bits == 1:
+            return
+        wv = w.detach().reshape(self.n_groups, -1)
+        stat = wv.abs().mean(dim=1) if self.scale_clip else wv.abs().amax(dim=1)
+        grid = P.clip_factor_grid("mean" if self.scale_clip else "max", w.device)
+        errors = P.clip_errors(P.sample_columns(wv, _SAMPLES // self.n_groups), stat[:, None], grid, self.bits, True)
+        self._set_k(P.best_clip_factor(grid, errors))
 
     def forward(self, w: Tensor) -> Tensor:
         clip, quant = self._clipping(), self._on["quant_on"]
         if not (clip or quant):
             return w
+        if not self._k_ready:
+            self.calibrate(w)
         groups = self.n_groups
         if clip and quant and self.bits > 1:  # threshold, clip and quantize in one node
             return P.scale_clip_fake_quant(w, groups, self.k, self.bits)
@@ -59,7 +115,7 @@ class ThresholdWeightQuantizer(WeightQuantizer):
         if self.bits == 1:
             return P.binarize(w, groups)
         if not clip:
-            alpha = P.group_abs_max(w, groups)
+            alpha = self._range(w)
         return P.fake_quant_signed(w, alpha, self.bits, axis=0)
 
     @torch.no_grad()
@@ -67,7 +123,7 @@ class ThresholdWeightQuantizer(WeightQuantizer):
         if self.bits == 1:
             return P.binary_codes(self.forward(w))
         clip = self._clipping()
-        alpha = self.threshold(w) if clip else P.group_abs_max(w, self.n_groups)
+        alpha = self.threshold(w) if clip else self._range(w)
         codes, step = P.integer_codes_signed(P.clip_symmetric(w, alpha) if clip else w, alpha, self.bits, axis=0)
         return codes.to(torch.int32), step
 
@@ -78,7 +134,7 @@ class ThresholdWeightQuantizer(WeightQuantizer):
         if self.scale_clip:
             return self.threshold(w)
         if self._on["quant_on"] and self.bits > 1:
-            return P.group_abs_max(w, self.n_groups)
+            return self._range(w)
         return None
 
     @torch.no_grad()
@@ -87,17 +143,18 @@ class ThresholdWeightQuantizer(WeightQuantizer):
             w.copy_(P.clip_symmetric(w, self.threshold(w)))
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k_w={self.k}"
+        return f"{super().extra_repr()}, k_w={'auto' if self.k_auto else float(self.k)}"
 
 
-class ThresholdActQuantizer(ActQuantizer):
-    """ReLU output clipped at ``k_a · EMA(mean|a|)`` (Scale-Clip) or ``EMA(max a)`` (group), per
+class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
+    """ReLU output clipped at ``k_a · EMA(mean|a|)`` (Scale-Clip) or ``k · EMA(max a)`` (group), per
     channel group; ``clip_on`` clips without quantizing (the reshaping phase)."""
 
     def __init__(self, cfg: QuantConfig, upper: float | None = None, layer_name: str = "") -> None:
         super().__init__(cfg, upper, layer_name)
         self.scale_clip = cfg.method in _SCALE_CLIP
-        self.k = cfg.k_a
+        self._init_k(cfg, "k_a")
+        self._calib: Tensor | None = None  # summed k-search errors while calibrating
         self.momentum = cfg.momentum
         self.act_groups = cfg.act_groups
         # only the statistic the threshold reads: one pass over the activation, not two
@@ -110,6 +167,12 @@ class ThresholdActQuantizer(ActQuantizer):
         return getattr(self, self.stat_name)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._calib is not None:  # calibration measures the float activations
+            y = self.act(x)
+            self._calib += self._k_errors(y)
+            return y
+        if not self._k_ready and self.training:  # auto, never calibrated: the first training batch
+            self.finish_calibration(self._k_errors(self.act(x)), reduce=True)
         quant = self._on["quant_on"]
         if quant and self.upper is None:
             return self._relu_quant(x)
@@ -136,21 +199,57 @@ class ThresholdActQuantizer(ActQuantizer):
         return P.relu_fake_quant(x, self.threshold(), self.bits, axis=axis, relu_out=y)  # reuses y
 
     def threshold(self) -> Tensor:
-        """Clip value ``alpha_a``: ``k_a * EMA(mean|a|)`` (Scale-Clip) or ``EMA(max a)``, ``[act_groups]``."""
-        alpha = self.k * self.running if self.scale_clip else self.running.clone()
+        """Clip value ``alpha_a``: ``k_a * EMA(mean|a|)`` (Scale-Clip) or ``k * EMA(max a)``, ``[act_groups]``."""
+        alpha = self.k * self.running  # a fresh tensor: the buffers may change before it is used
         return alpha.clamp(max=self.upper) if self.upper is not None else alpha
+
+    def _grouped(self, y: Tensor) -> Tensor:
+        if self.act_groups == 1:
+            return y.reshape(1, -1)
+        if y.dim() < 2 or y.shape[1] % self.act_groups:
+            raise ValueError(
+                f"layer '{self.layer_name}': act_groups={self.act_groups} does not divide its "
+                f"{y.shape[1] if y.dim() > 1 else 1} channels"
+            )
+        return y.transpose(0, 1).reshape(self.act_groups, -1)
+
+    @torch.no_grad()
+    def _k_errors(self, y: Tensor) -> Tensor:
+        """This batch's k-search errors ``[K]``: the clip is ``k`` times the batch's own statistic."""
+        yv = self._grouped(y.detach())
+        stat = yv.mean(dim=1) if self.scale_clip else yv.amax(dim=1)
+        grid = P.clip_factor_grid("mean" if self.scale_clip else "max", y.device)
+        sample = P.sample_columns(yv, _SAMPLES // self.act_groups)
+        return P.clip_errors(sample, stat[:, None], grid, self.bits, False, self.upper)
+
+    def begin_calibration(self) -> bool:
+        """Start summing k-search errors over the next forward passes (``k_a: auto`` only); until
+        :meth:`finish_calibration` the quantizer passes the float activation on, so every layer
+        is calibrated on the activations of the float network in one pass."""
+        if not self.k_auto:
+            return False
+        self._calib = torch.zeros(len(P.clip_factor_grid("mean")), dtype=torch.float64, device=self.k.device)
+        return True
+
+    def calibration_errors(self) -> Tensor | None:
+        """The summed errors of the calibration window (``None`` when not calibrating)."""
+        return self._calib
+
+    @torch.no_grad()
+    def finish_calibration(self, errors: Tensor, reduce: bool = False) -> None:
+        """Set ``k`` from summed errors (``reduce``: first sum them over the DDP ranks)."""
+        self._calib = None
+        if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(errors)
+        if bool(errors.sum() > 0):  # a layer that saw nothing keeps its k
+            self._set_k(P.best_clip_factor(P.clip_factor_grid("mean" if self.scale_clip else "max"), errors.cpu()))
 
     @torch.no_grad()
     def _observe(self, y: Tensor) -> None:
         if self.act_groups == 1:
             stats = (y.mean() if self.scale_clip else y.amax()).reshape(1).float()
         else:
-            if y.dim() < 2 or y.shape[1] % self.act_groups:
-                raise ValueError(
-                    f"layer '{self.layer_name}': act_groups={self.act_groups} does not divide its "
-                    f"{y.shape[1] if y.dim() > 1 else 1} channels"
-                )
-            per_group = y.transpose(0, 1).reshape(self.act_groups, -1)
+            per_group = self._grouped(y)
             stats = (per_group.mean(dim=1) if self.scale_clip else per_group.amax(dim=1)).float()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)  # every rank keeps the same thresholds
@@ -176,7 +275,8 @@ class ThresholdActQuantizer(ActQuantizer):
         return ActGrid(scale.repeat_interleave(channels // self.act_groups), 0, n)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, k_a={self.k}, act_groups={self.act_groups}"
+        k = "auto" if self.k_auto else float(self.k)
+        return f"{super().extra_repr()}, k_a={k}, act_groups={self.act_groups}"
 
 
 for _method in (Method.gdrq, Method.scale_clip, Method.group):
