@@ -7,9 +7,9 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from .distributed import reduce_
 from .layers import QuantConv2d, QuantLinear
 from .quantizers import ActQuantizer
 from .swap import named_quantizers
@@ -40,8 +40,6 @@ def calibrating_activations(model: nn.Module) -> Iterator[int]:
     if not quantizers:
         return
     errors = [q.calibration_errors() for q in quantizers]
-    flat = torch.cat(errors)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flat)
+    flat = reduce_(torch.cat(errors), "sum")
     for q, e in zip(quantizers, flat.split([len(e) for e in errors])):
         q.finish_calibration(e)

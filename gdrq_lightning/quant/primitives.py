@@ -49,6 +49,28 @@ def round_ste(x: Tensor) -> Tensor:
     return RoundSTE.apply(x)
 
 
+class _Attach(torch.autograd.Function):
+    """``x`` unchanged (a view); ``params`` get a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.shapes = [(p.shape, p.dtype, p.device) for p in params]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        return (grad, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
+
+
+def attach(x: Tensor, *params: Tensor) -> Tensor:
+    """``x``, with ``params`` in its autograd graph at zero gradient: a learned clip or step
+    whose quantizer is switched off still takes part in every backward pass, as DDP's reducer
+    expects of every parameter (no ``find_unused_parameters``). Free: a view and a tiny zero."""
+    if not torch.is_grad_enabled() or not any(p.requires_grad for p in params):
+        return x
+    return _Attach.apply(x, *params)
+
+
 def fake_quant_signed(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
     """Symmetric signed fake-quant ``s * round(clamp(x, -alpha, alpha) / s)``, ``s = alpha / n``.
 

@@ -46,6 +46,15 @@ class Switches(nn.Module):
     def is_on(self, name: str) -> bool:
         return self._on[name]
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """Statistics stay float32 when the model is cast (``.half()``, Lightning's ``bf16-true``):
+        an EMA in bfloat16 cannot move by a 1% step. Parameters follow the model's dtype."""
+        super()._apply(fn, recurse)
+        for name, buf in self._buffers.items():
+            if buf is not None and buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._on = {name: bool(getattr(self, name)) for name in self.switch_names}
@@ -176,6 +185,14 @@ class ActQuantizer(Switches):
 
     def finish_calibration(self, errors: Tensor) -> None:
         """Set the calibrated parameters from the (rank-summed) collected vector."""
+
+    def pending_statistics(self) -> tuple[Tensor, str] | None:
+        """Under DDP: this step's local statistic and how to reduce it (``"mean"`` / ``"max"``),
+        waiting for :func:`~gdrq_lightning.quant.distributed.sync_statistics`."""
+        return None
+
+    def apply_statistics(self, stats: Tensor) -> None:
+        """Update the running statistics with a rank-reduced batch statistic."""
 
     def extra_repr(self) -> str:
         return f"method={self.method.value}, bits={self.bits}"

@@ -96,6 +96,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
         if layer_cfg.method != Method.none:
             plan.append((name, module, layer_cfg))
     _check_activation_reuse(model, {name for name, module, _ in plan if type(module) in ACTIVATIONS})
+    device = next((p.device for p in model.parameters()), None)
     # a conv/linear registered under two names shares its weights: one quantized layer;
     # an activation gets one quantized module per name
     swapped: dict[tuple[int, str], nn.Module] = {}
@@ -103,6 +104,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
         key = (id(module), name if type(module) in ACTIVATIONS else "")
         if key not in swapped:
             swapped[key] = SWAP_REGISTRY[type(module)](module, layer_cfg, name)
+            if device is not None and type(module) in ACTIVATIONS:  # no weights to say where it lives
+                swapped[key].to(device)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, swapped[key])
     return model

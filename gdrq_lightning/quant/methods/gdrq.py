@@ -17,11 +17,11 @@ themselves, for activations from calibration batches (``begin_calibration`` /
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import primitives as P
 from ..config import Method, QuantConfig
+from ..distributed import reduce_, world_size
 from ..kernels import MIN_SCALE
 from ..quantizers import ActGrid, ActQuantizer, WeightQuantizer
 from . import register
@@ -161,10 +161,21 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
         self.stat_name = "running_abs_mean" if self.scale_clip else "running_max"
         self.register_buffer(self.stat_name, torch.zeros(self.act_groups))
         self.register_buffer("initialized", torch.tensor(False))
+        self._ema_ready = False  # Python mirror of ``initialized``: no device sync to read it
+        self._pending: Tensor | None = None  # this step's local statistic, under DDP
 
     @property
     def running(self) -> Tensor:
         return getattr(self, self.stat_name)
+
+    @property
+    def reduction(self) -> str:
+        """How ranks combine this statistic: the mean of means, the max of maxima."""
+        return "mean" if self.scale_clip else "max"
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ema_ready, self._pending = bool(self.initialized), None
 
     def forward(self, x: Tensor) -> Tensor:
         if self._calib is not None:  # calibration measures the float activations
@@ -239,8 +250,8 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
     def finish_calibration(self, errors: Tensor, reduce: bool = False) -> None:
         """Set ``k`` from summed errors (``reduce``: first sum them over the DDP ranks)."""
         self._calib = None
-        if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(errors)
+        if reduce:
+            reduce_(errors, "sum")
         if bool(errors.sum() > 0):  # a layer that saw nothing keeps its k
             self._set_k(P.best_clip_factor(P.clip_factor_grid("mean" if self.scale_clip else "max"), errors.cpu()))
 
@@ -251,13 +262,23 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
         else:
             per_group = self._grouped(y)
             stats = (per_group.mean(dim=1) if self.scale_clip else per_group.amax(dim=1)).float()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(stats)  # every rank keeps the same thresholds
-            stats /= dist.get_world_size()
+        if self._pending is not None:  # the last step was never synchronised (no callback): now
+            self.apply_statistics(reduce_(self._pending, self.reduction))
+        if self._ema_ready and world_size() > 1:
+            self._pending = stats  # reduced with every other layer's after the step
+            return
+        self.apply_statistics(reduce_(stats, self.reduction))
+
+    def pending_statistics(self) -> tuple[Tensor, str] | None:
+        return None if self._pending is None else (self._pending, self.reduction)
+
+    @torch.no_grad()
+    def apply_statistics(self, stats: Tensor) -> None:
         running = self.running
         # ``where`` on the flag instead of ``if self.initialized``: no host-device sync
         running.copy_(torch.where(~self.initialized, stats, running.lerp(stats, self.momentum)))
         self.initialized.fill_(True)
+        self._ema_ready, self._pending = True, None
 
     @torch.no_grad()
     def clip_value(self) -> Tensor | None:

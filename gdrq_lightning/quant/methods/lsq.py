@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import primitives as P
 from ..config import Method, QuantConfig
+from ..distributed import reduce_
 from ..quantizers import ActGrid, ActQuantizer, WeightQuantizer
 from . import register
 
@@ -65,15 +66,15 @@ class LSQWeightQuantizer(WeightQuantizer):
 
     def forward(self, w: Tensor) -> Tensor:
         if not self._on["quant_on"]:
-            return w
+            return P.attach(w, self.step)
         n = P.signed_levels(self.bits)
-        if not self.initialized:
+        if not self.initialized:  # the weights are the same on every rank: so is this
             with torch.no_grad():
                 init = [lsq_init_step(g, n) for g in w.reshape(self.groups, -1)]
                 self.step.copy_(torch.stack(init).clamp_min(1e-8))
                 self.initialized.fill_(True)
         g = lsq_grad_scale(w.numel() // self.groups, n)
-        return lsq_fake_quant(w, P.expand_bshape(self.step, w, 0), -n, n, g)
+        return lsq_fake_quant(w, P.expand_bshape(self.step.to(w.dtype), w, 0), -n, n, g)
 
     @torch.no_grad()
     def to_integer(self, w: Tensor) -> tuple[Tensor, Tensor]:
@@ -99,14 +100,15 @@ class LSQActQuantizer(ActQuantizer):
     def forward(self, x: Tensor) -> Tensor:
         y = self.act(x)
         if not self._on["quant_on"]:
-            return y
+            return P.attach(y, self.step)
         n = P.unsigned_levels(self.bits)
         if not self.step_initialized and self.training:
-            with torch.no_grad():
-                self.step.copy_(lsq_init_step(y, n).clamp_min(1e-8).reshape(1))
+            with torch.no_grad():  # from every rank's first batch: the mean, so replicas stay equal
+                init = reduce_(lsq_init_step(y, n).float().reshape(1), "mean")
+                self.step.copy_(init.clamp_min(1e-8))
                 self.step_initialized.fill_(True)
         g = lsq_grad_scale(y[0].numel() if y.dim() > 1 else y.numel(), n)
-        return lsq_fake_quant(y, self.step, 0, n, g)
+        return lsq_fake_quant(y, self.step.to(y.dtype), 0, n, g)
 
     def clip_value(self) -> Tensor | None:
         return self.step.detach().reshape(()) * P.unsigned_levels(self.bits)

@@ -58,7 +58,9 @@ class PACTActQuantizer(ActQuantizer):
         self.decay = cfg.pact_decay
 
     def forward(self, x: Tensor) -> Tensor:
-        return pact_act(x, self.alpha, self.bits, self.decay) if self._on["quant_on"] else self.act(x)
+        if not self._on["quant_on"]:
+            return P.attach(self.act(x), self.alpha)
+        return pact_act(x, self.alpha.to(x.dtype), self.bits, self.decay)  # keeps bf16/fp16 outputs in their dtype
 
     def clip_value(self) -> Tensor | None:
         return self.alpha.detach().reshape(())
