@@ -12,7 +12,10 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.testing import assert_close
 
 from gdrq_lightning import GDRQCallback, QuantConfig, Schedule
-from gdrq_lightning.quant import quantizers
+try:
+    from gdrq_lightning.quant import named_quantizers
+except ImportError:  # before the issue-#15 quantization-core rewrite renames it
+    from gdrq_lightning.quant import quantizers as named_quantizers
 
 SCHEDULE = Schedule(scale_clip="step:1", quant_weights="step:2", quant_acts="step:5", groups="step:5", freeze_bn=None)
 
@@ -39,7 +42,7 @@ class RestoreProbe(pl.Callback):
         self.done = list(self.gdrq.done)
         self.global_step = trainer.global_step
         self.state = quantizer_entries(pl_module.state_dict())
-        self.mirrors = {(n, s): q.is_on(s) for n, q in quantizers(pl_module.model) for s in q.switch_names}
+        self.mirrors = {(n, s): q.is_on(s) for n, q in named_quantizers(pl_module.model) for s in q.switch_names}
 
 
 @pytest.mark.parametrize("method", ["gdrq", "pact", "lsq"])
