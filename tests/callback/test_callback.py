@@ -2,7 +2,6 @@
 transition log lines (SPEC §6, §7); the contract it quantizes through (``gdrq_lightning.task``)."""
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
 
 from gdrq_lightning import GDRQCallback, QuantConfig, Schedule, quantize_model, quantized_layers
 from gdrq_lightning.callback import STATE_VERSION

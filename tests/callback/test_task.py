@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
-import torch
 from torch import Tensor, nn
 
 from gdrq_lightning import GDRQCallback, QuantConfig, QuantTask, Schedule, quantized_layers
