@@ -79,7 +79,6 @@ from tasks.classification.datamodule import DigitsDataset  # noqa: E402
 from tasks.common import param_groups  # noqa: E402
 from tasks.digits import load_digits_arrays, split_indices  # noqa: E402
 
-_NO_PLOTS = "<no plots>"
 MODEL, IMAGE_SIZE, BATCH, LR, WEIGHT_DECAY, MOMENTUM, GROUPS = "resnet18", 32, 32, 0.05, 5e-4, 0.9, 4
 
 
@@ -93,7 +92,7 @@ class Knob:
 
 
 @dataclass
-class Method:
+class Row:
     """One table row: ``kind`` is ``ours`` (Lightning + callback), ``fp32``/``torch_ao``/``brevitas`` (plain loop)."""
 
     label: str
@@ -110,27 +109,27 @@ K_A = Knob("k_a", (4.0, 6.0, 8.0), 4.0)
 PACT_ALPHA = Knob("pact_alpha_init", (3.0, 6.0, 10.0), 6.0)
 LR_SCALE = Knob("lr_scale", (0.5, 1.0, 2.0), 1.0)
 
-METHODS = [
-    Method("FP32", "ours", {"method": "none"}),
-    Method(f"GDRQ W4A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}, 1, K_A),
-    Method(f"GDRQ W2A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}, 1, K_A),
-    Method(f"GDRQ W4A4 (G={GROUPS}), all at once", "ours",
+ROWS = [
+    Row("FP32", "ours", {"method": "none"}),
+    Row(f"GDRQ W4A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}, 1, K_A),
+    Row(f"GDRQ W2A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}, 1, K_A),
+    Row(f"GDRQ W4A4 (G={GROUPS}), all at once", "ours",
            {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
-    Method(f"GDRQ W2A4 (G={GROUPS}), all at once", "ours",
+    Row(f"GDRQ W2A4 (G={GROUPS}), all at once", "ours",
            {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}),
-    Method("Scale-Clip only W4A4", "ours", {"method": "scale_clip", "weight_bits": 4, "act_bits": 4}, 1),
-    Method(f"Group only W4A4 (G={GROUPS})", "ours", {"method": "group", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
-    Method("HWGQ W1A2", "ours", {"method": "hwgq", "weight_bits": 1, "act_bits": 2}),
-    Method("DoReFa W4A4", "ours", {"method": "dorefa", "weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
-    Method("DoReFa W2A4", "ours", {"method": "dorefa", "weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
-    Method("PACT W4A4", "ours", {"method": "pact", "weight_bits": 4, "act_bits": 4}, knob=PACT_ALPHA),
-    Method("PACT W2A4", "ours", {"method": "pact", "weight_bits": 2, "act_bits": 4}, knob=PACT_ALPHA),
-    Method("LSQ W4A4", "ours", {"method": "lsq", "weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
-    Method("LSQ W2A4", "ours", {"method": "lsq", "weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
-    Method("torch.ao QAT W8A8 (x86)", "torch_ao"),
-    Method("Brevitas W4A4", "brevitas", {"weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
-    Method("Brevitas W2A4", "brevitas", {"weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
-    Method("FP32 (plain loop)", "fp32"),
+    Row("Scale-Clip only W4A4", "ours", {"method": "scale_clip", "weight_bits": 4, "act_bits": 4}, 1),
+    Row(f"Group only W4A4 (G={GROUPS})", "ours", {"method": "group", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
+    Row("HWGQ W1A2", "ours", {"method": "hwgq", "weight_bits": 1, "act_bits": 2}),
+    Row("DoReFa W4A4", "ours", {"method": "dorefa", "weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
+    Row("DoReFa W2A4", "ours", {"method": "dorefa", "weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
+    Row("PACT W4A4", "ours", {"method": "pact", "weight_bits": 4, "act_bits": 4}, knob=PACT_ALPHA),
+    Row("PACT W2A4", "ours", {"method": "pact", "weight_bits": 2, "act_bits": 4}, knob=PACT_ALPHA),
+    Row("LSQ W4A4", "ours", {"method": "lsq", "weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
+    Row("LSQ W2A4", "ours", {"method": "lsq", "weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
+    Row("torch.ao QAT W8A8 (x86)", "torch_ao"),
+    Row("Brevitas W4A4", "brevitas", {"weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
+    Row("Brevitas W2A4", "brevitas", {"weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),
+    Row("FP32 (plain loop)", "fp32"),
 ]
 
 
@@ -196,7 +195,7 @@ class HoldoutDigits(DigitsDataModule):
         return self._loader(self.holdout_set, False)
 
 
-def with_setting(method: Method, args: argparse.Namespace, value: float | None) -> tuple[Method, argparse.Namespace]:
+def with_setting(method: Row, args: argparse.Namespace, value: float | None) -> tuple[Row, argparse.Namespace]:
     """The row and arguments with its knob at ``value`` (``None``: as defined)."""
     if value is None:
         return method, args
@@ -218,7 +217,7 @@ def _limited(loader, limit: int | None):
         yield batch
 
 
-def schedule_for(method: Method, args: argparse.Namespace) -> Schedule:
+def schedule_for(method: Row, args: argparse.Namespace) -> Schedule:
     """FP warm-up, then Scale-Clip alone for ``reshape_epochs``, then everything else; BN never frozen.
 
     The reshaping epochs come out of the same ``--epochs`` budget as everyone else's.
@@ -239,7 +238,7 @@ def pretrained_fp32(seed: int, args: argparse.Namespace) -> str | None:
     with open(path + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here instead of training it again
         if not os.path.exists(path):
-            fp32 = next(m for m in METHODS if m.label == "FP32")
+            fp32 = next(m for m in ROWS if m.label == "FP32")
             module, accs = _fit_ours(fp32, seed, args, epochs=args.pretrain_epochs, lr=LR, pretrained=None)
             torch.save(module.model.state_dict(), path + ".tmp")
             os.replace(path + ".tmp", path)
@@ -248,7 +247,7 @@ def pretrained_fp32(seed: int, args: argparse.Namespace) -> str | None:
     return path
 
 
-def run_ours(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> dict[str, float]:
+def run_ours(method: Row, seed: int, args: argparse.Namespace, pretrained: str | None) -> dict[str, float]:
     """Lightning + GDRQCallback from ``pretrained`` (or scratch); top-1 after the last epoch.
 
     Returns ``{"acc": validation top-1}``, plus ``"holdout_acc"`` with ``--tune-holdout``.
@@ -256,7 +255,7 @@ def run_ours(method: Method, seed: int, args: argparse.Namespace, pretrained: st
     return _fit_ours(method, seed, args, epochs=args.epochs, lr=args.lr, pretrained=pretrained)[1]
 
 
-def _fit_ours(method: Method, seed: int, args: argparse.Namespace, *, epochs: int, lr: float,
+def _fit_ours(method: Row, seed: int, args: argparse.Namespace, *, epochs: int, lr: float,
               pretrained: str | None) -> tuple[ClassificationModule, dict[str, float]]:
     pl.seed_everything(seed, verbose=False)
     dm = HoldoutDigits(args.tune_holdout, image_size=IMAGE_SIZE, batch_size=BATCH)
@@ -264,10 +263,8 @@ def _fit_ours(method: Method, seed: int, args: argparse.Namespace, *, epochs: in
                                   pretrained=pretrained)
     callbacks = []
     if method.config["method"] != "none":
-        schedule = schedule_for(method, args)
-        # no layer has this name, so the callback draws no distribution PNG at each phase
-        # (matplotlib costs seconds per phase on this machine and says nothing about accuracy)
-        callbacks.append(GDRQCallback(QuantConfig(**method.config), schedule, plot_layer=_NO_PLOTS))
+        # no QuantMonitor: its distribution PNGs cost seconds per phase here and say nothing about accuracy
+        callbacks.append(GDRQCallback(QuantConfig(**method.config), schedule_for(method, args)))
     trainer = pl.Trainer(
         default_root_dir=tempfile.mkdtemp(prefix="gdrq_bench_"),
         max_epochs=epochs, accelerator="cpu", devices=1, logger=False, callbacks=callbacks,
@@ -287,7 +284,7 @@ def _cosine(step: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(step / max(total, 1), 1.0)))
 
 
-def run_plain(method: Method, seed: int, args: argparse.Namespace, pretrained: str | None) -> dict[str, float]:
+def run_plain(method: Row, seed: int, args: argparse.Namespace, pretrained: str | None) -> dict[str, float]:
     """Plain loop for the FP32 control, torch.ao QAT and Brevitas; accuracies as :func:`run_ours`."""
     import torch.ao.quantization as tq
 
@@ -350,9 +347,9 @@ def _accuracy(model: nn.Module, loader: DataLoader, limit: int | None) -> float:
     return correct / max(seen, 1)
 
 
-def selected(args: argparse.Namespace) -> list[Method]:
+def selected(args: argparse.Namespace) -> list[Row]:
     """The rows to run: ``--methods`` minus ``--skip``; with ``--tune-holdout``, by default the compared rows and FP32."""
-    methods = [m for m in METHODS if m.kind != "brevitas" or baselines.brevitas_available()]
+    methods = [m for m in ROWS if m.kind != "brevitas" or baselines.brevitas_available()]
     if args.methods:
         methods = [m for m in methods if any(_matches(s, m.label) for s in args.methods)]
     elif args.tune_holdout:
@@ -360,14 +357,14 @@ def selected(args: argparse.Namespace) -> list[Method]:
     return [m for m in methods if not any(_matches(s, m.label) for s in args.skip)]
 
 
-def settings(method: Method, args: argparse.Namespace) -> tuple[float | None, ...]:
+def settings(method: Row, args: argparse.Namespace) -> tuple[float | None, ...]:
     """The knob values a row runs at: all three with ``--tune-holdout``, otherwise just the row as defined."""
     return method.knob.values if args.tune_holdout and method.knob else (None,)
 
 
 def _matches(pattern: str, label: str) -> bool:
     """A pattern equal to some row's label selects that row only; otherwise it matches as a substring."""
-    labels = [m.label.lower() for m in METHODS]
+    labels = [m.label.lower() for m in ROWS]
     pattern, label = pattern.lower(), label.lower()
     return pattern == label if pattern in labels else pattern in label
 
@@ -375,7 +372,7 @@ def _matches(pattern: str, label: str) -> bool:
 Results = dict[tuple[str, str | None, float | None], dict[int, dict]]  # (label, knob, value) -> seed -> record
 
 
-def _key(method: Method, value: float | None) -> tuple[str, str | None, float | None]:
+def _key(method: Row, value: float | None) -> tuple[str, str | None, float | None]:
     return method.label, method.knob.name if value is not None else None, value
 
 

@@ -1,8 +1,10 @@
 """gdrq-lightning: low-bit quantization-aware training of vision networks for Lightning.
 
 Public interface (SPEC §7): :class:`QuantConfig`, :func:`quantize_model`,
-:func:`quantized_layers`, :class:`GDRQCallback` and :mod:`gdrq_lightning.export`.
-Lightning-dependent names load lazily so the quantization core imports fast.
+:func:`quantized_layers`, :class:`GDRQCallback` and :mod:`gdrq_lightning.export`; beside
+them :class:`QuantMonitor` (statistics and plots) and :class:`QuantTask` (what a
+LightningModule implements to be quantized). Lightning-dependent names load lazily so the
+quantization core imports fast.
 """
 from __future__ import annotations
 
@@ -12,9 +14,15 @@ from typing import Any
 from .quant import Method, QuantConfig, quantize_model, quantized_layers, set_quant_state
 
 __version__ = "0.1.0"
-__all__ = ["GDRQCallback", "Method", "QuantConfig", "Schedule", "export", "quantize_model", "quantized_layers", "set_quant_state"]
+__all__ = [
+    "GDRQCallback", "Method", "QuantConfig", "QuantMonitor", "QuantTask", "Schedule", "export", "quantize_model",
+    "quantized_layers", "set_quant_state",
+]
 
-_LAZY = {"GDRQCallback": "gdrq_lightning.callback", "Schedule": "gdrq_lightning.schedule", "export": "gdrq_lightning.export"}
+_LAZY = {
+    "GDRQCallback": "gdrq_lightning.callback", "QuantMonitor": "gdrq_lightning.monitoring",
+    "QuantTask": "gdrq_lightning.task", "Schedule": "gdrq_lightning.schedule", "export": "gdrq_lightning.export",
+}
 
 
 def __getattr__(name: str) -> Any:

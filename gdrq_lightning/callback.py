@@ -8,38 +8,25 @@ stored as buffers; the callback's own state is the list of phases that have run.
 from __future__ import annotations
 
 import dataclasses
-import os
 from enum import Enum
-from typing import Any
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import monitoring
-from .quant import QuantConfig, named_quantizers, quantize_model, quantized_layers, set_quant_state
-from .quant.layers import QuantConv2d, QuantLinear
+from .monitoring import log_metrics
+from .quant import QuantConfig, quantize_model, quantized_layers, set_quant_state
 from .schedule import PHASES, Schedule
+from .task import quant_network, resolve_config
+
+from .quant import named_quantizers
 
 STATE_VERSION = 1
 _SWITCH_OF_PHASE = {"scale_clip": "scale_clip", "quant_weights": "quant_weights", "quant_acts": "quant_acts", "groups": "groups"}
-
-
-def quant_target(pl_module: pl.LightningModule) -> nn.Module:
-    """The network the callback quantizes: ``pl_module.model`` when present."""
-    target = getattr(pl_module, "model", None)
-    return target if isinstance(target, nn.Module) else pl_module
-
-
-def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantConfig:
-    """Use the task's ``quant_skip_default`` when the config leaves ``skip`` unset."""
-    default = getattr(pl_module, "quant_skip_default", None)
-    if config.skip is None and default is not None:
-        return dataclasses.replace(config, skip=list(default))
-    return config
 
 
 def config_to_dict(config: QuantConfig) -> dict[str, Any]:
@@ -55,16 +42,17 @@ def check_quantizers_finite(model: nn.Module, step: int) -> None:
     Raises:
         FloatingPointError: names the first layer with a non-finite value.
     """
-    tensors = [(n, t) for n, t in _quantizer_scales(model)]
+    tensors = list(_quantizer_scales(model))
     if not tensors or bool(torch.isfinite(torch.cat([t.detach().reshape(-1).float() for _, t in tensors])).all()):
         return
     name = next(n for n, t in tensors if not bool(torch.isfinite(t.detach()).all()))
     raise FloatingPointError(f"non-finite quantizer value {name} at global step {step}; the last good checkpoint is kept")
 
 
-def _quantizer_scales(model: nn.Module):
+def _quantizer_scales(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """Every floating-point parameter and buffer of every quantizer (statistics, learned scales)."""
     for name, q in named_quantizers(model):
-        for attr, t in [*q.named_parameters(recurse=False), *q.named_buffers(recurse=False)]:
+        for attr, t in (*q.named_parameters(), *q.named_buffers()):
             if t.is_floating_point():
                 yield f"{name}.{attr}", t
 
@@ -72,12 +60,13 @@ def _quantizer_scales(model: nn.Module):
 class GDRQCallback(Callback):
     """Quantize a LightningModule's network and schedule the quantization phases.
 
+    The network is the task's :meth:`~gdrq_lightning.task.QuantTask.quant_network` (the
+    whole module for a plain LightningModule). Per-layer statistics and plots are
+    :class:`~gdrq_lightning.monitoring.QuantMonitor`'s job.
+
     Args:
         config: what to quantize and how (:class:`QuantConfig`).
         schedule: when each phase begins (:class:`Schedule`); default: all on from the start.
-        log_every_n_steps: interval of per-layer statistics (default: the trainer's).
-        plot_layer: name of the layer plotted at each phase change (default: the first
-            quantized conv/linear).
         summary_metric: a validation metric (e.g. ``val/acc1``) recorded at the end of
             each phase and printed as a table when training ends.
 
@@ -91,8 +80,6 @@ class GDRQCallback(Callback):
         config: QuantConfig | None = None,
         schedule: Schedule | None = None,
         *,
-        log_every_n_steps: int | None = None,
-        plot_layer: str | None = None,
         summary_metric: str | None = None,
     ) -> None:
         super().__init__()
@@ -106,18 +93,13 @@ class GDRQCallback(Callback):
             raise TypeError(f"GDRQCallback(config=...) needs a QuantConfig or a dict of its fields, got {type(config).__name__}")
         if not isinstance(schedule, Schedule):
             raise TypeError(f"GDRQCallback(schedule=...) needs a Schedule or a dict of its fields, got {type(schedule).__name__}")
-        if log_every_n_steps is not None and log_every_n_steps < 1:
-            raise ValueError(f"GDRQCallback(log_every_n_steps={log_every_n_steps}) must be >= 1 or None")
         self.config = config
         self.schedule = schedule
-        self.log_every_n_steps = log_every_n_steps
-        self.plot_layer = plot_layer
         self.summary_metric = summary_metric
         self.done: list[str] = []
         self.phase_metrics: dict[str, float] = {}
         self._module_class = ""
         self._target: nn.Module | None = None
-        self._probe = None
 
     # -- structure -------------------------------------------------------------------
     @property
@@ -127,7 +109,7 @@ class GDRQCallback(Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._module_class = f"{type(pl_module).__module__}.{type(pl_module).__qualname__}"
-        target = quant_target(pl_module)
+        target = quant_network(pl_module)
         if not quantized_layers(target):  # else already swapped (an earlier stage, or a pre-quantized module)
             quantize_model(target, resolve_config(self.config, pl_module))
             n = len(quantized_layers(target))
@@ -154,19 +136,13 @@ class GDRQCallback(Callback):
         self._advance(trainer, pl_module)
         if "freeze_bn" in self.done:
             self._freeze_bn()
-        if self._should_log(trainer):
-            self._probe = monitoring.activation_probe(self._target)
-            self._probe_results = self._probe.__enter__()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         check_quantizers_finite(self._target, trainer.global_step)
         for _, layer in quantized_layers(self._target):
-            if isinstance(layer, (QuantConv2d, QuantLinear)) and layer.weight_quantizer.project:
-                layer.weight_quantizer.project_(layer.weight)
-        if self._probe is not None:
-            self._probe.__exit__(None, None, None)
-            self._probe = None
-            self._log_layer_stats(trainer, self._probe_results)
+            quantizer = getattr(layer, "weight_quantizer", None)
+            if quantizer is not None and quantizer.project:
+                quantizer.project_(layer.weight)
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for phase in self.schedule.due(trainer.current_epoch, trainer.global_step):
@@ -177,10 +153,7 @@ class GDRQCallback(Callback):
         self._switch_on(phase)
         self.done.append(phase)
         rank_zero_info(f"[gdrq] epoch {trainer.current_epoch} step {trainer.global_step}: phase '{phase}' begins")
-        monitoring.log_metrics(trainer, {"quant/phase": float(PHASES.index(phase) + 1)}, trainer.global_step)
-        plot = self._plot_weights(trainer, phase)
-        if plot is not None:
-            monitoring.log_image(trainer, f"quant/distribution_{phase}", plot)
+        log_metrics(trainer, {"quant/phase": float(PHASES.index(phase) + 1)}, trainer.global_step)
 
     def _switch_on(self, phase: str) -> None:
         if phase in _SWITCH_OF_PHASE:
@@ -202,43 +175,6 @@ class GDRQCallback(Callback):
         if self.phase_metrics:
             rows = ", ".join(f"{phase}: {value:.4f}" for phase, value in self.phase_metrics.items())
             rank_zero_info(f"[gdrq] {self.summary_metric} at the end of each phase -> {rows}")
-
-    # -- monitoring -------------------------------------------------------------------
-    def _should_log(self, trainer: pl.Trainer) -> bool:
-        every = self.log_every_n_steps or trainer.log_every_n_steps or 50
-        return trainer.global_step % every == 0 and bool(trainer.loggers)
-
-    def _log_layer_stats(self, trainer: pl.Trainer, act_stats: dict[str, dict[str, float]]) -> None:
-        metrics: dict[str, float] = {}
-        for name, layer in quantized_layers(self._target):
-            if isinstance(layer, (QuantConv2d, QuantLinear)):
-                for key, value in monitoring.weight_stats(layer).items():
-                    metrics[f"quant/{name}/w_{key}"] = value
-        for name, stats in act_stats.items():
-            for key, value in stats.items():
-                metrics[f"quant/{name}/a_{key}"] = value
-        monitoring.log_metrics(trainer, metrics, trainer.global_step)
-
-    def _plot_layer(self) -> tuple[str, nn.Module] | None:
-        layers = [(n, m) for n, m in quantized_layers(self._target) if isinstance(m, (QuantConv2d, QuantLinear))]
-        for name, layer in layers:
-            if self.plot_layer is None or name == self.plot_layer:
-                return name, layer
-        return None
-
-    def _plot_weights(self, trainer: pl.Trainer, tag: str) -> str | None:
-        """Raw vs as-used (clipped / quantized) weights of one layer: logger histograms and a PNG."""
-        found = self._plot_layer()
-        if found is None or not trainer.is_global_zero:
-            return None
-        name, layer = found
-        w = layer.weight.detach()
-        wq = layer.weight_quantizer(w).detach()
-        monitoring.log_histograms(trainer, {f"hist/{name}/weight_raw": w, f"hist/{name}/weight_used": wq}, trainer.global_step)
-        path = os.path.join(monitoring.run_dir(trainer), "quant_plots", f"{tag}_{name.replace('.', '_')}.png")
-        return monitoring.save_distribution_plot(
-            path, f"{name}: phase '{tag}' at epoch {trainer.current_epoch}", {"raw weight": w, "as used in forward": wq}
-        )
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 A checkpoint written with :class:`GDRQCallback` carries the module's class path, its
 hyper-parameters and the ``QuantConfig``; loading is ``weights_only=True`` throughout.
+Constructing a task module reads no file (pretrained weights load in its ``setup``, see
+:mod:`gdrq_lightning.task`), so the hyper-parameters are used exactly as saved.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from .callback import quant_target, resolve_config
 from .quant import QuantConfig, quantize_model
+from .task import quant_network, resolve_config
 
 
 class CheckpointError(ValueError):
@@ -59,11 +61,9 @@ def load_quantized_module(path: str) -> pl.LightningModule:
     except (ImportError, AttributeError, ValueError):
         raise CheckpointError(f"{path}: cannot import the module class {class_path!r}") from None
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    # the checkpoint's own weights replace any starting weights: don't require those files here
-    hparams.update({k: None for k in ("pretrained", "pretrained_backbone") if k in hparams})
     module = cls(**hparams)
     config = QuantConfig(**state["config"])
-    quantize_model(quant_target(module), resolve_config(config, module))
+    quantize_model(quant_network(module), resolve_config(config, module))
     try:
         result = module.load_state_dict(ckpt["state_dict"], strict=False)
     except RuntimeError as e:  # shape mismatches

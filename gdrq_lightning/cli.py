@@ -2,42 +2,41 @@
 
 ``gdrq fit|validate|test|predict --config FILE`` is a LightningCLI (configs name the
 LightningModule / DataModule by ``class_path``); ``gdrq export`` turns a checkpoint
-into integer weights + ONNX; ``gdrq data`` writes the embedded demo datasets.
-User errors end in one line on stderr and exit code 2; set ``GDRQ_DEBUG=1`` (or
-pass ``--debug``) for the full traceback.
+into integer weights + ONNX; ``gdrq data NAME DIR`` runs a data command that a package
+declares under the ``gdrq.data`` entry-point group (this repository's: the embedded demo
+datasets), so the library never names task code. User errors end in one line on stderr
+and exit code 2; set ``GDRQ_DEBUG=1`` (or pass ``--debug``) for the full traceback.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from typing import Callable
+from importlib.metadata import EntryPoint, entry_points
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningCLI
 
 from .interrupt import InterruptCheckpoint
+from .monitoring import QuantMonitor
 from .progress import LineProgressBar
 
-# `gdrq data NAME DIR` -> (module, function); the library imports task code only here, lazily.
-DATA_COMMANDS: dict[str, tuple[str, str]] = {
-    "make-digits-coco": ("tasks.detection.digits_coco", "make_digits_coco"),
-    "make-digits-voc": ("tasks.segmentation.digits_voc", "make_digits_voc"),
-}
+DATA_GROUP = "gdrq.data"  # entry points: name -> callable(out_dir, seed=...) returning what it wrote
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, KeyError, TypeError)
 
 
 class GDRQCLI(LightningCLI):
     """LightningCLI with an always-present ``ModelCheckpoint`` (``--checkpoint.*``) that
-    keeps ``last.ckpt``, an :class:`InterruptCheckpoint` (SIGINT/SIGTERM -> ``interrupted.ckpt``),
-    W&B offline as the default logger, Rich's progress bar on terminals and one line per
-    epoch (:class:`LineProgressBar`) when the output is a file."""
+    keeps ``last.ckpt``, a :class:`QuantMonitor` (``--quant_monitor.*``; idle on a network
+    without quantized layers), an :class:`InterruptCheckpoint` (SIGINT/SIGTERM ->
+    ``interrupted.ckpt``), W&B offline as the default logger, Rich's progress bar on
+    terminals and one line per epoch (:class:`LineProgressBar`) when the output is a file."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(QuantMonitor, "quant_monitor")
         parser.add_lightning_class_args(InterruptCheckpoint, "interrupt_checkpoint")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:  # type: ignore[override]
@@ -88,36 +87,43 @@ def run_export(args: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="gdrq export", description="Export a gdrq checkpoint: integer weights, ONNX and a JSON report.")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by a gdrq run (e.g. runs/.../last.ckpt)")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"), help="example input shape (default: 3 32 32)")
-    parser.add_argument("--data-config", help="a classification config; compares PyTorch and ONNX Runtime top-1 on its val split")
+    parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
+                        help="example input shape, as the data gives it (default: 3 32 32; digits-VOC: 3 48 48)")
+    parser.add_argument("--data-config", help="a gdrq config; compares PyTorch and ONNX Runtime accuracy on its val split "
+                                              "(top-1, or pixel accuracy for segmentation)")
     ns = parser.parse_args(args)
     import json
 
     import torch
 
-    from .callback import quant_target
     from .checkpoint import load_quantized_module
     from .export import export_model
-    from .export.accuracy import compare_top1, datamodule_from_config
+    from .export.accuracy import compare_predictions, datamodule_from_config
+    from .task import export_network
 
-    model = quant_target(load_quantized_module(ns.ckpt))
-    report = export_model(model, torch.zeros(1, *ns.input_shape), ns.out)
+    network = export_network(load_quantized_module(ns.ckpt))
+    report = export_model(network, torch.zeros(1, *ns.input_shape), ns.out)
     if ns.data_config:
-        report["val_top1"] = compare_top1(model, report["files"]["onnx"], datamodule_from_config(ns.data_config))
+        report["val_accuracy"] = compare_predictions(network, report["files"]["onnx"], datamodule_from_config(ns.data_config))
         with open(report["files"]["report"], "w") as f:
             json.dump(report, f, indent=2)
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
 
 
+def data_commands() -> dict[str, EntryPoint]:
+    """The installed ``gdrq data`` commands (entry-point group ``gdrq.data``), by name."""
+    return {ep.name: ep for ep in entry_points(group=DATA_GROUP)}
+
+
 def run_data(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="gdrq data", description="Write an embedded demo dataset (made from scikit-learn's digits) to disk.")
-    parser.add_argument("command", choices=sorted(DATA_COMMANDS))
+    commands = data_commands()
+    parser = argparse.ArgumentParser(prog="gdrq data", description="Write a dataset that an installed package provides "
+                                     f"(entry-point group {DATA_GROUP!r}), e.g. the embedded demo sets.")
+    parser.add_argument("command", choices=sorted(commands), help="one of: " + (", ".join(sorted(commands)) or "(none installed)"))
     parser.add_argument("out_dir", help="directory to write the dataset into")
     parser.add_argument("--seed", type=int, default=0)
     ns = parser.parse_args(args)
-    module_name, func_name = DATA_COMMANDS[ns.command]
-    make: Callable = getattr(importlib.import_module(module_name), func_name)
-    print(make(ns.out_dir, seed=ns.seed))
+    print(commands[ns.command].load()(ns.out_dir, seed=ns.seed))
 
 
 def _raised_in(e: BaseException, package: str) -> bool:

@@ -1,37 +1,49 @@
-"""What a quantization user watches: per-layer thresholds, quantization error,
-clipped fractions, weight histograms and distribution plots.
+"""What a quantization user watches: :class:`QuantMonitor` and the logging helpers it uses.
 
-Everything goes through the trainer's loggers (W&B, TensorBoard, CSV) so it lands
-wherever the run is tracked; plots are also saved as PNGs in the run directory.
+Per quantized layer, every ``log_every_n_steps``: the clip threshold in use, the
+fraction of values it clips and the weight quantization error; at each phase change of
+the :class:`~gdrq_lightning.GDRQCallback` schedule, histograms of one layer's raw and
+as-used weights and a PNG of the same. Everything goes through the trainer's loggers
+(W&B, TensorBoard, CSV) so it lands wherever the run is tracked; plots are also saved in
+``<run dir>/quant_plots/``. The monitor only reads: removing it changes no training.
 """
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
+import pytorch_lightning as pl
 import torch
 from pytorch_lightning import Trainer
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 
 from .quant import quantized_layers
-from .quant.layers import QuantReLU, QuantReLU6
 from .quant.primitives import expand_bshape
-from .quant.quantizers import WeightQuantizer
+from .task import quant_network
+
+if TYPE_CHECKING:
+    from .callback import GDRQCallback
+
+
+def _k(quantizer: nn.Module) -> dict[str, float]:
+    """The clip factor ``quantizer.k`` (SPEC §7) of methods that have one."""
+    k = getattr(quantizer, "k", None)
+    return {"k": float(k)} if isinstance(k, Tensor) else {}
 
 
 @torch.no_grad()
 def weight_stats(layer: nn.Module) -> dict[str, float]:
-    """Clip threshold, clipped fraction and mean |W - Q(W)| of one conv/linear layer."""
-    q: WeightQuantizer = layer.weight_quantizer
+    """Clip threshold, clipped fraction and mean ``|W - Q(W)|`` of one conv/linear layer."""
+    q = layer.weight_quantizer
     w = layer.weight.detach()
-    wq = q(w)
-    stats = {"quant_error": float((w - wq).abs().mean())}
-    t = q.clip_value(w)
-    if t is not None:
-        stats["threshold"] = float(t.mean())
-        stats["clipped_frac"] = float((w.abs() > expand_bshape(t, w, 0)).float().mean())
+    stats = {"quant_error": float((w - q(w)).abs().mean())} | _k(q)
+    clip = q.clip_value(w)
+    if clip is not None:
+        stats["threshold"] = float(clip.mean())
+        stats["clipped_frac"] = float((w.abs() > expand_bshape(clip, w, 0)).float().mean())
     return stats
 
 
@@ -41,18 +53,19 @@ def activation_probe(model: nn.Module) -> Iterator[dict[str, dict[str, float]]]:
     fraction of its inputs above it (the clipped fraction)."""
     results: dict[str, dict[str, float]] = {}
     handles = []
-    for name, module in quantized_layers(model):
-        if not isinstance(module, (QuantReLU, QuantReLU6)):
+    for name, layer in quantized_layers(model):
+        quantizer = getattr(layer, "act_quantizer", None)
+        if quantizer is None:
             continue
-        quantizer = module.act_quantizer
 
-        def hook(mod: nn.Module, args: tuple, _out: Tensor, name: str = name, quantizer=quantizer) -> None:
-            alpha = _act_clip_value(quantizer)
-            if alpha is not None:
+        def hook(_mod: nn.Module, args: tuple, _out: Tensor, name: str = name, quantizer: nn.Module = quantizer) -> None:
+            clip = quantizer.clip_value()
+            if clip is not None:
                 x = args[0].detach()
-                results[name] = {"threshold": alpha, "clipped_frac": float((x > alpha).float().mean())}
+                above = x > expand_bshape(clip.to(x.device), x, 1)
+                results[name] = {"threshold": float(clip.mean()), "clipped_frac": float(above.float().mean())} | _k(quantizer)
 
-        handles.append(module.register_forward_hook(hook))
+        handles.append(layer.register_forward_hook(hook))
     try:
         yield results
     finally:
@@ -60,9 +73,98 @@ def activation_probe(model: nn.Module) -> Iterator[dict[str, dict[str, float]]]:
             h.remove()
 
 
-def _act_clip_value(quantizer: nn.Module) -> float | None:
-    clip = quantizer.clip_value()
-    return None if clip is None else float(clip.float().mean())
+class QuantMonitor(Callback):
+    """Log per-layer quantization statistics and plot weight distributions at phase changes.
+
+    Works beside a :class:`~gdrq_lightning.GDRQCallback` (it plots that callback's phase
+    changes); on a network without quantized layers it logs and plots nothing.
+
+    Args:
+        log_every_n_steps: interval of the per-layer statistics (default: the trainer's).
+        plot_layer: name of the layer plotted at each phase change (default: the first
+            quantized conv/linear; a name that matches no layer turns plotting off).
+
+    Metrics: ``quant/<layer>/w_threshold``, ``w_quant_error``, ``w_clipped_frac``,
+    ``a_threshold``, ``a_clipped_frac``, and ``w_k`` / ``a_k`` (the clip factor ``k`` of
+    Scale-Clip methods, calibrated with ``auto``); histograms ``hist/<layer>/weight_raw`` and
+    ``weight_used``; images ``quant/distribution_<phase>``.
+    """
+
+    def __init__(self, log_every_n_steps: int | None = None, plot_layer: str | None = None) -> None:
+        super().__init__()
+        if log_every_n_steps is not None and log_every_n_steps < 1:
+            raise ValueError(f"QuantMonitor(log_every_n_steps={log_every_n_steps}) must be >= 1 or None")
+        self.log_every_n_steps = log_every_n_steps
+        self.plot_layer = plot_layer
+        self._target: nn.Module | None = None
+        self._schedule: GDRQCallback | None = None
+        self._phases_seen = 0
+        self._probe: Any = None
+        self._act_stats: dict[str, dict[str, float]] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._target = quant_network(pl_module)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        from .callback import GDRQCallback  # here, not at the top: the callback imports this module
+
+        self._schedule = next((cb for cb in trainer.callbacks if isinstance(cb, GDRQCallback)), None)
+        self._phases_seen = len(self._schedule.done) if self._schedule else 0  # a resumed run's phases are not new
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._plot_new_phases(trainer)
+        if self._should_log(trainer):
+            self._probe = activation_probe(self._target)
+            self._act_stats = self._probe.__enter__()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._probe is not None:
+            self._probe.__exit__(None, None, None)
+            self._probe = None
+            self._log_layer_stats(trainer)
+        self._plot_new_phases(trainer)
+
+    def _should_log(self, trainer: pl.Trainer) -> bool:
+        every = self.log_every_n_steps or trainer.log_every_n_steps or 50
+        return trainer.global_step % every == 0 and bool(trainer.loggers) and bool(quantized_layers(self._target))
+
+    def _log_layer_stats(self, trainer: pl.Trainer) -> None:
+        metrics: dict[str, float] = {}
+        for name, layer in quantized_layers(self._target):
+            if getattr(layer, "weight_quantizer", None) is not None:
+                for key, value in weight_stats(layer).items():
+                    metrics[f"quant/{name}/w_{key}"] = value
+        for name, stats in self._act_stats.items():
+            for key, value in stats.items():
+                metrics[f"quant/{name}/a_{key}"] = value
+        log_metrics(trainer, metrics, trainer.global_step)
+
+    def _plot_new_phases(self, trainer: pl.Trainer) -> None:
+        if self._schedule is None or len(self._schedule.done) <= self._phases_seen:
+            return
+        for phase in self._schedule.done[self._phases_seen:]:
+            path = self._plot_weights(trainer, phase)
+            if path is not None:
+                log_image(trainer, f"quant/distribution_{phase}", path)
+        self._phases_seen = len(self._schedule.done)
+
+    def _plot_weights(self, trainer: pl.Trainer, tag: str) -> str | None:
+        """Raw vs as-used (clipped / quantized) weights of one layer: logger histograms and a PNG."""
+        if not trainer.is_global_zero:
+            return None
+        layers = [(n, m) for n, m in quantized_layers(self._target) if getattr(m, "weight_quantizer", None) is not None]
+        found = next(((n, m) for n, m in layers if self.plot_layer in (None, n)), None)
+        if found is None:
+            return None
+        name, layer = found
+        with torch.no_grad():
+            w = layer.weight.detach()
+            wq = layer.weight_quantizer(w).detach()
+        log_histograms(trainer, {f"hist/{name}/weight_raw": w, f"hist/{name}/weight_used": wq}, trainer.global_step)
+        path = os.path.join(run_dir(trainer), "quant_plots", f"{tag}_{name.replace('.', '_')}.png")
+        return save_distribution_plot(
+            path, f"{name}: phase '{tag}' at epoch {trainer.current_epoch}", {"raw weight": w, "as used in forward": wq}
+        )
 
 
 def log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:

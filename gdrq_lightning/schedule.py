@@ -73,18 +73,19 @@ class Schedule:
     def __post_init__(self) -> None:
         if self.unit not in ("epoch", "step"):
             raise ValueError(f"Schedule.unit={self.unit!r} is not one of: epoch, step")
-        starts = self.starts()
-        previous: tuple[str, Start] | None = None
-        for phase in PHASES:
-            start = starts[phase]
+        # Each phase against every earlier phase of its unit, not just the previous one:
+        # a step-based phase in between must not hide an epoch phase that starts too early.
+        earlier: dict[str, tuple[str, Start]] = {}  # unit -> the latest-starting earlier phase
+        for phase, start in self.starts().items():
             if start is None:
                 continue
-            if previous and previous[1].unit == start.unit and start.at < previous[1].at:
+            latest = earlier.get(start.unit)
+            if latest is not None and start.at < latest[1].at:
                 raise ValueError(
                     f"Schedule phases out of order: {phase} ({start.unit} {start.at}) starts before "
-                    f"{previous[0]} ({previous[1].unit} {previous[1].at}); the order is fp -> {' -> '.join(PHASES)}"
+                    f"{latest[0]} ({latest[1].unit} {latest[1].at}); the order is fp -> {' -> '.join(PHASES)}"
                 )
-            previous = (phase, start)
+            earlier[start.unit] = (phase, start)
 
     def starts(self) -> dict[str, Start | None]:
         return {p: parse_start(p, getattr(self, p), self.unit) for p in PHASES}

@@ -1,12 +1,15 @@
-"""Pieces every task's LightningModule shares: optimizer + LR schedule, loss guard.
+"""Pieces every task's LightningModule shares: the quantization contract, optimizer + LR
+schedule, loss guard.
 
-Quantizer parameters (PACT ``alpha``, LSQ ``step``) get no weight decay here: PACT
-applies its own L2 term and LSQ steps must not be pulled towards zero.
+Quantizer parameters (learned clips and steps) get no weight decay here: a method that
+wants a decay on them applies its own term, and learned steps must not be pulled
+towards zero.
 """
 from __future__ import annotations
 
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -87,3 +90,45 @@ def check_finite(losses: dict[str, Tensor], step: int, model: nn.Module | None =
             check_quantizers_finite(model, step)
         values = ", ".join(f"{k}={float(losses[k]):.4g}" for k in bad)
         raise FloatingPointError(f"non-finite loss at global step {step}: {values}")
+
+
+class TaskModule(pl.LightningModule):
+    """Base of the task modules: :class:`gdrq_lightning.task.QuantTask` for a network in ``self.model``.
+
+    Starting weights load in :meth:`load_pretrained`, once, from ``setup``: after the
+    quantization callback's swap and before Lightning restores a ``ckpt_path``.
+    Subclasses say what to load in :meth:`load_starting_weights`.
+    """
+
+    model: nn.Module
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pretrained_loaded = False
+
+    def quant_network(self) -> nn.Module:
+        return self.model
+
+    def quant_skip_default(self) -> list[str] | None:
+        return None  # the library's default: first conv and last linear stay full precision
+
+    def export_network(self) -> nn.Module:
+        return self.model
+
+    def load_pretrained(self) -> None:
+        """Load the starting weights once; a later stage (fit, then test) must not undo training."""
+        if not self._pretrained_loaded:
+            self.load_starting_weights()
+            self._pretrained_loaded = True
+
+    def load_starting_weights(self) -> None:
+        """Read the task's ``pretrained`` files into ``self.model`` (nothing by default)."""
+
+    def setup(self, stage: str) -> None:
+        self.load_pretrained()
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Weights from a checkpoint replace the starting weights: ``setup`` then loads none."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._pretrained_loaded = True
+        return result

@@ -1,4 +1,9 @@
-"""Does the exported ONNX model classify like the PyTorch model? Top-1 of both on a val split."""
+"""Does the exported ONNX model predict like the PyTorch model? Accuracy of both on a val split.
+
+Works for any task whose export network maps an image batch to class scores on dim 1:
+per image (classification: top-1) or per pixel (segmentation: pixel accuracy over the
+labelled pixels, mask value 255 = ignored, which also leaves out batch padding).
+"""
 from __future__ import annotations
 
 import importlib
@@ -7,9 +12,11 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from .onnx_export import run_onnxruntime
+
+IGNORE_INDEX = 255  # the "void" label of dense targets (VOC, Cityscapes), not counted
 
 
 def datamodule_from_config(path: str) -> pl.LightningDataModule:
@@ -26,17 +33,58 @@ def datamodule_from_config(path: str) -> pl.LightningDataModule:
     return cls(**(data.get("init_args") or {}))
 
 
+def onnx_input_shape(onnx_path: str) -> list[int | str]:
+    """The declared shape of the ONNX model's first input (a name for a dynamic axis)."""
+    import onnx
+
+    dims = onnx.load(str(onnx_path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+
+
+def _check_input(onnx_path: str, expected: list[int | str], x: Tensor) -> None:
+    fixed = [(e, g) for e, g in zip(expected[1:], x.shape[1:]) if isinstance(e, int)]
+    if len(expected) != x.dim() or any(e != g for e, g in fixed):
+        hint = f"; export with --input-shape {' '.join(map(str, x.shape[1:]))}" if x.dim() == 4 else ""
+        raise ValueError(f"the ONNX model {onnx_path} takes input {expected} but the data gives {list(x.shape)}{hint}")
+
+
 @torch.no_grad()
-def compare_top1(model: nn.Module, onnx_path: str, datamodule: pl.LightningDataModule) -> dict[str, Any]:
-    """Top-1 of the PyTorch model and of ONNX Runtime on the validation split, and their agreement."""
+def compare_predictions(model: nn.Module, onnx_path: str, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """Accuracy of the PyTorch model and of ONNX Runtime on the validation split, and their agreement.
+
+    Args:
+        model: the export network (one tensor of class scores ``[N, C, ...]`` per batch).
+        onnx_path: the exported file.
+        datamodule: its ``val_dataloader`` yields ``(images, targets)``; targets ``[N]`` are
+            class ids, targets ``[N, H, W]`` per-pixel class ids (255 = not counted).
+
+    Returns:
+        ``metric`` (``top1`` or ``pixel_acc``), ``samples`` (images), ``counted`` (images or
+        labelled pixels), ``<metric>_pytorch``, ``<metric>_onnxruntime``, ``prediction_agreement``.
+
+    Raises:
+        ValueError: the data's images or targets do not fit the model (names both shapes).
+    """
     datamodule.setup("validate")
     model = model.eval()
-    n = correct_torch = correct_ort = agree = 0
+    expected = onnx_input_shape(onnx_path)
+    metric = "top1"
+    samples = counted = correct_torch = correct_ort = agree = 0
     for x, y in datamodule.val_dataloader():
+        _check_input(onnx_path, expected, x)
         pred_torch = model(x).argmax(1)
         pred_ort = run_onnxruntime(onnx_path, x).argmax(1)
-        n += len(y)
-        correct_torch += int((pred_torch == y).sum())
-        correct_ort += int((pred_ort == y).sum())
-        agree += int((pred_torch == pred_ort).sum())
-    return {"samples": n, "top1_pytorch": correct_torch / n, "top1_onnxruntime": correct_ort / n, "prediction_agreement": agree / n}
+        if pred_torch.shape != y.shape:
+            raise ValueError(f"predictions of shape {list(pred_torch.shape)} do not match targets of shape {list(y.shape)}")
+        keep = y != IGNORE_INDEX if y.dim() > 1 else torch.ones_like(y, dtype=torch.bool)
+        metric = "pixel_acc" if y.dim() > 1 else "top1"
+        samples += len(y)
+        counted += int(keep.sum())
+        correct_torch += int(((pred_torch == y) & keep).sum())
+        correct_ort += int(((pred_ort == y) & keep).sum())
+        agree += int(((pred_torch == pred_ort) & keep).sum())
+    n = max(counted, 1)
+    return {
+        "metric": metric, "samples": samples, "counted": counted, f"{metric}_pytorch": correct_torch / n,
+        f"{metric}_onnxruntime": correct_ort / n, "prediction_agreement": agree / n,
+    }

@@ -117,32 +117,19 @@ def _at_ties(act: QDQAct, x: Tensor, flipped: Tensor) -> int:
     return int(((u - u.floor() - 0.5).abs() < 1e-3).logical_or(u.abs() < 1e-3).sum())
 
 
-class MainOutput(nn.Module):
-    """``model(x)["out"]``: the main map of a torchvision-style segmentation model
-    (FCN, DeepLab, our PSPNet return ``{"out": …, "aux": …}``), as one exportable tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x)["out"]
-
-
-def single_output(model: nn.Module, example: Tensor) -> nn.Module:
-    """``model`` (in eval mode, on ``example``'s device) if it returns one tensor,
-    :class:`MainOutput` around it if it returns a mapping with ``"out"``; anything else
-    (e.g. detection's per-image box lists) is refused."""
+def _check_one_tensor(model: nn.Module, example: Tensor) -> None:
+    """Refuse a model that does not map an image batch to one tensor, naming what it returns."""
     with torch.no_grad():
         out = model(example)
     if isinstance(out, Tensor):
-        return model
-    if isinstance(out, dict) and isinstance(out.get("out"), Tensor):
-        return MainOutput(model)
-    kind = type(out).__name__ + (f" of {type(out[0]).__name__}" if isinstance(out, (list, tuple)) and out else "")
+        return
+    if isinstance(out, dict):
+        kind = f"dict with keys {sorted(out)}"
+    else:
+        kind = type(out).__name__ + (f" of {type(out[0]).__name__}" if isinstance(out, (list, tuple)) and out else "")
     raise TypeError(
-        f"export needs a model that returns one tensor (classifier logits) or a dict with an 'out' "
-        f"tensor (segmentation); this one returns a {kind} (detection models are not exportable yet)"
+        f"export_model needs a model that maps an image batch to one tensor; this one returns a {kind} "
+        f"(export a task's export_network(), e.g. a segmentation model's main map; detection is not exportable yet)"
     )
 
 
@@ -165,8 +152,8 @@ def export_model(
     """The whole ``gdrq export`` job: integer file, ONNX file and a JSON report in ``out_dir``.
 
     Works on a CPU copy in eval mode; ``model`` itself is not changed. ``model(x)`` must
-    return a single tensor (classifier logits) or a dict with an ``"out"`` tensor
-    (torchvision-style segmentation models: the main map is exported, ``"aux"`` dropped).
+    return one tensor (classifier logits, a segmentation map): pass a task's
+    :meth:`~gdrq_lightning.task.QuantTask.export_network`, which adapts its outputs.
 
     Args:
         model: the quantized model (``quantize_model`` result with trained weights).
@@ -180,6 +167,9 @@ def export_model(
 
     Returns:
         The report dict that was written as JSON.
+
+    Raises:
+        TypeError: ``model`` returns something other than one tensor (says what).
     """
     from .onnx_export import export_qdq, op_counts, run_onnxruntime
 
@@ -190,7 +180,8 @@ def export_model(
         gen = torch.Generator().manual_seed(0)
         check_input = torch.randn((example.shape[0] + 1, *example.shape[1:]), generator=gen)
     x = _cpu_batch(check_input)
-    reference = single_output(copy.deepcopy(model).cpu().float().eval(), example)
+    reference = copy.deepcopy(model).cpu().float().eval()
+    _check_one_tensor(reference, example)
     folded, pairing = fold_with_pairing(reference)
     qdq = build_qdq_model(folded, example)
     files = {"integer": str(out / f"{stem}_int.pt")}

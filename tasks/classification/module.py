@@ -1,18 +1,18 @@
 """``ClassificationModule``: cross-entropy training of any torchvision / timm classifier."""
 from __future__ import annotations
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite
+from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.weights import load_weights
 
 from .models import build_classifier
 
 
-class ClassificationModule(pl.LightningModule):
+class ClassificationModule(TaskModule):
     """Image classification with top-1 / top-5 accuracy.
 
     The network lives in ``self.model``: the quantization callback quantizes it,
@@ -21,7 +21,9 @@ class ClassificationModule(pl.LightningModule):
     Args:
         model: torchvision name (``resnet18``) or ``timm/<name>``.
         num_classes: number of classes.
-        pretrained: local weights file (never downloaded).
+        pretrained: local weights file (a state dict or a Lightning checkpoint, never
+            downloaded), loaded in ``setup``; tensors whose shape differs (e.g. another
+            number of classes) are skipped with a warning.
         small_input: CIFAR-style ResNet stem for 32x32 inputs.
         optimizer: ``sgd`` or ``adamw``.
         lr: peak learning rate.
@@ -49,11 +51,15 @@ class ClassificationModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_classifier(model, num_classes=num_classes, pretrained=pretrained, small_input=small_input)
+        self.model = build_classifier(model, num_classes=num_classes, small_input=small_input)
         top_k = min(5, num_classes)
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+
+    def load_starting_weights(self) -> None:
+        if self.hparams.pretrained:
+            load_weights(self.model, self.hparams.pretrained, target=self.hparams.model, skip_mismatched=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

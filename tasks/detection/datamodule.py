@@ -3,7 +3,7 @@
 ``root`` fills in the standard layout (``train/``, ``val/``,
 ``annotations/instances_{train,val}.json``, what :func:`make_digits_coco`
 writes); explicit paths override it (e.g. COCO 2017's ``train2017/``). With
-``generate_digits=True`` and nothing at ``root`` yet, ``prepare_data`` writes the
+``make_digits_if_missing=True`` and nothing at ``root`` yet, ``prepare_data`` writes the
 embedded digits-COCO set there, so the quickstart needs no download.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ class COCODataModule(pl.LightningDataModule):
         train_annotations: training json (default ``root/annotations/instances_train.json``).
         val_images: folder of validation images (default ``root/val``).
         val_annotations: validation json (default ``root/annotations/instances_val.json``).
-        generate_digits: write the embedded digits-COCO set to ``root`` if its
+        make_digits_if_missing: write the embedded digits-COCO set to ``root`` if its
             annotation files are missing.
         batch_size: training images per device and step.
         val_batch_size: validation images per device and step (default ``batch_size``).
@@ -50,7 +50,7 @@ class COCODataModule(pl.LightningDataModule):
         train_annotations: str | None = None,
         val_images: str | None = None,
         val_annotations: str | None = None,
-        generate_digits: bool = False,
+        make_digits_if_missing: bool = False,
         batch_size: int = 4,
         val_batch_size: int | None = None,
         num_workers: int = 0,
@@ -68,9 +68,9 @@ class COCODataModule(pl.LightningDataModule):
         self.train_annotations = self._path(train_annotations, "annotations/instances_train.json")
         self.val_images = self._path(val_images, "val")
         self.val_annotations = self._path(val_annotations, "annotations/instances_val.json")
-        if generate_digits and self.root is None:
-            raise ValueError("generate_digits=True needs root= (the folder to write the digits-COCO set to)")
-        self.generate_digits = generate_digits
+        if make_digits_if_missing and self.root is None:
+            raise ValueError("make_digits_if_missing=True needs root= (the folder to write the digits-COCO set to)")
+        self.make_digits_if_missing = make_digits_if_missing
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
@@ -86,7 +86,7 @@ class COCODataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Generate digits-COCO under ``root`` when asked and absent (local rank 0 only)."""
-        if self.generate_digits and not (self.train_annotations.is_file() and self.val_annotations.is_file()):
+        if self.make_digits_if_missing and not (self.train_annotations.is_file() and self.val_annotations.is_file()):
             make_digits_coco(self.root)
 
     def setup(self, stage: str | None = None) -> None:

@@ -12,12 +12,12 @@ in the backbone whenever they start from pretrained weights. We default to plain
 * export folds the per-group weight steps into the following ``nn.BatchNorm2d``
   (SPEC §3); a ``FrozenBatchNorm2d`` is not a ``BatchNorm2d``.
 
-ResNet blocks get one ``nn.ReLU`` module per call site (:class:`SplitReLUBasicBlock`,
-:class:`SplitReLUBottleneck`; same parameters and ``state_dict`` keys as torchvision's).
-torchvision's blocks call one ``self.relu`` two or three times, and a quantized ReLU
-keeps one set of activation statistics per module: the mid-block and the post-residual
-activations would share a clip threshold although their means differ 2-3x (measured on
-the digits-COCO FP32 model: e.g. 0.33 vs 1.00 in ``layer1.1``).
+The ResNets are torchvision's own (plain ``BasicBlock`` / ``Bottleneck``). Their blocks
+call one ``self.relu`` two or three times; ``quantize_model`` gives each call site its own
+quantized activation (``relu``, ``relu2`` for the Bottleneck's middle one, ``relu_out``
+after the residual add), so the mid-block and post-residual activations keep separate
+clip thresholds although their means differ 2-3x (measured on the digits-COCO FP32
+model: e.g. 0.33 vs 1.00 in ``layer1.1``).
 
 ``norm="frozen"`` restores torchvision's behaviour (for fine-tuning a pretrained
 backbone with tiny per-GPU batches); its statistics never move and the
@@ -26,95 +26,28 @@ use ``trainer.sync_batchnorm: true`` under DDP.
 
 Weights are never downloaded: ``pretrained_backbone`` is a local file with the
 torchvision *classification* state dict of the backbone (``resnet50``,
-``resnet18`` or ``mobilenet_v3_large``), loaded with ``weights_only=True``.
+``resnet18`` or ``mobilenet_v3_large``); :data:`BACKBONE_KEYS` maps its keys onto the
+built backbone body, which ``DetectionModule.load_pretrained`` loads in ``setup``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable, Literal
 
-import torch
 import torchvision
 from torch import nn
-from torch import Tensor
 from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 NormName = Literal["batchnorm", "frozen"]
 
-
-def load_state_dict_file(path: str | Path, what: str) -> dict[str, torch.Tensor]:
-    """Read a local ``state_dict`` (or a Lightning checkpoint's ``state_dict``) safely.
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist (the message names it and ``what``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} weights file not found: {path} (only local files are used, nothing is downloaded)")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{what} weights file {path} does not hold a state_dict (got {type(state).__name__})")
-    return state
-
-
-def _load_classifier(net: nn.Module, path: str | Path | None, name: str) -> None:
-    if path is None:
-        return
-    state = load_state_dict_file(path, f"pretrained_backbone ({name})")
-    try:
-        result = net.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"pretrained_backbone {path} does not match torchvision's {name}: {e}") from None
-    # A torchvision checkpoint saved before BN tracked batches lacks num_batches_tracked: harmless.
-    missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"pretrained_backbone {path} does not match torchvision's {name}: "
-            f"missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
-
-
-class SplitReLUBasicBlock(BasicBlock):
-    """torchvision ``BasicBlock`` whose two activations are separate modules (``relu``, ``relu_out``)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu_out = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu_out(out + identity)
-
-
-class SplitReLUBottleneck(Bottleneck):
-    """torchvision ``Bottleneck`` whose three activations are separate modules (``relu``, ``relu2``, ``relu_out``)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.relu2 = nn.ReLU(inplace=True)
-        self.relu_out = nn.ReLU(inplace=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu_out(out + identity)
-
-
 RESNETS: dict[str, tuple[type[nn.Module], list[int]]] = {
-    "resnet18": (SplitReLUBasicBlock, [2, 2, 2, 2]),
-    "resnet50": (SplitReLUBottleneck, [3, 4, 6, 3]),
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
 }
 
 
@@ -126,15 +59,12 @@ def _norm_layer(norm: str) -> Callable[..., nn.Module] | None:
     raise ValueError(f"norm={norm!r} is not one of: batchnorm, frozen")
 
 
-def resnet_fpn(
-    name: str, *, trainable_layers: int, fpn_channels: int, norm: str, pretrained_backbone: str | None
-) -> BackboneWithFPN:
+def resnet_fpn(name: str, *, trainable_layers: int, fpn_channels: int, norm: str) -> BackboneWithFPN:
     """ResNet + FPN (4 levels + max-pool level), as ``resnet_fpn_backbone`` with a free FPN width."""
     if not 0 <= trainable_layers <= 5:
         raise ValueError(f"trainable_layers={trainable_layers} must be in 0..5 for {name}")
     block, layers = RESNETS[name]
-    net = ResNet(block, layers, norm_layer=_norm_layer(norm))  # = torchvision.models.<name>, split ReLUs
-    _load_classifier(net, pretrained_backbone, name)
+    net = ResNet(block, layers, norm_layer=_norm_layer(norm))  # = torchvision.models.<name>
     train = ["layer4", "layer3", "layer2", "layer1", "conv1"][:trainable_layers]
     if trainable_layers == 5:
         train.append("bn1")
@@ -148,12 +78,9 @@ def resnet_fpn(
     )
 
 
-def mobilenet_v3_fpn(
-    *, trainable_layers: int, fpn_channels: int, norm: str, pretrained_backbone: str | None
-) -> BackboneWithFPN:
+def mobilenet_v3_fpn(*, trainable_layers: int, fpn_channels: int, norm: str) -> BackboneWithFPN:
     """MobileNetV3-Large features + FPN on the last two stages (+ max-pool level), as torchvision."""
     net = torchvision.models.mobilenet_v3_large(weights=None, norm_layer=_norm_layer(norm))
-    _load_classifier(net, pretrained_backbone, "mobilenet_v3_large")
     features = net.features
     stages = [0] + [i for i, b in enumerate(features) if getattr(b, "_is_cn", False)] + [len(features) - 1]
     if not 0 <= trainable_layers <= len(stages):
@@ -184,6 +111,22 @@ ARCHS: dict[str, tuple[Callable[..., BackboneWithFPN], int]] = {
 }
 
 
+def _resnet_body_key(key: str) -> str | None:
+    return None if key.startswith("fc.") else key  # the body is the ResNet without its classifier
+
+
+def _mobilenet_body_key(key: str) -> str | None:
+    return key.removeprefix("features.") if key.startswith("features.") else None  # the body is ``features``
+
+
+# arch -> (torchvision classifier whose weights ``pretrained_backbone`` holds, its key -> body key)
+BACKBONE_KEYS: dict[str, tuple[str, Callable[[str], str | None]]] = {
+    "fasterrcnn_resnet50_fpn": ("resnet50", _resnet_body_key),
+    "fasterrcnn_resnet18_fpn": ("resnet18", _resnet_body_key),
+    "fasterrcnn_mobilenet_v3_large_fpn": ("mobilenet_v3_large", _mobilenet_body_key),
+}
+
+
 def anchor_generator(arch: str, sizes: list[int], aspect_ratios: list[float]) -> AnchorGenerator:
     """ResNet-FPN: one size per level (5 sizes); MobileNet-FPN: every size on each of 3 levels."""
     levels = ARCHS[arch][1]
@@ -208,10 +151,9 @@ def build_faster_rcnn(
     fpn_channels: int,
     representation_size: int,
     norm: str,
-    pretrained_backbone: str | None,
     **detector_kwargs,
 ) -> FasterRCNN:
-    """A torchvision ``FasterRCNN`` for ``arch`` (see :data:`ARCHS`), never downloading weights.
+    """A torchvision ``FasterRCNN`` for ``arch`` (see :data:`ARCHS`) with random weights.
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known names) or bad sizes.
@@ -221,9 +163,7 @@ def build_faster_rcnn(
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes} must count the background too (>= 2)")
     builder, _ = ARCHS[arch]
-    backbone = builder(
-        trainable_layers=trainable_layers, fpn_channels=fpn_channels, norm=norm, pretrained_backbone=pretrained_backbone
-    )
+    backbone = builder(trainable_layers=trainable_layers, fpn_channels=fpn_channels, norm=norm)
     if representation_size < 1 or fpn_channels < 1:
         raise ValueError(f"fpn_channels={fpn_channels} and representation_size={representation_size} must be >= 1")
     resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size

@@ -1,11 +1,12 @@
 """``DetectionModule``: torchvision Faster R-CNN as a LightningModule for QAT.
 
 The detector is ``self.model``, which is what the quantization callback swaps.
-What gets quantized by default: backbone and FPN only. ``quant_skip_default``
+What gets quantized by default: backbone and FPN only. ``quant_skip_default()``
 (used by the callback when ``QuantConfig.skip`` is ``None``) keeps the RPN, the
 RoI heads and the stem conv in full precision, the usual choice for low-bit
 detectors (the heads are small, the regression outputs sensitive). Set ``skip``
-explicitly (e.g. ``[backbone.body.conv1]``) to quantize the heads too.
+explicitly (e.g. ``[backbone.body.conv1]``) to quantize the heads too. Export is not
+supported yet: ``export_network()`` says so.
 
 Backbone normalisation is ``nn.BatchNorm2d`` by default, not torchvision's
 ``FrozenBatchNorm2d``: see :mod:`tasks.detection.models` for why.
@@ -15,18 +16,18 @@ from __future__ import annotations
 import warnings
 from typing import Any, Literal
 
-import pytorch_lightning as pl
-from torch import Tensor
+from torch import Tensor, nn
 
-from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite
+from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.weights import load_weights
 
 from .evaluator import COCOEvaluator
-from .models import ARCHS, build_faster_rcnn, first_conv_name, load_state_dict_file
+from .models import ARCHS, BACKBONE_KEYS, build_faster_rcnn, first_conv_name
 
 Batch = tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]
 
 
-class DetectionModule(pl.LightningModule):
+class DetectionModule(TaskModule):
     """Faster R-CNN (ResNet-50/18-FPN, MobileNetV3-Large-FPN) trained and scored COCO-style.
 
     Args:
@@ -55,8 +56,9 @@ class DetectionModule(pl.LightningModule):
         warmup_steps: linear LR warm-up steps.
         pretrained: local file with full detector weights (``self.model.state_dict()``
             or a Lightning checkpoint of this module); float weights, loaded in ``setup``
-            (see :meth:`load_pretrained`).
-        pretrained_backbone: local file with torchvision classification weights of the backbone.
+            (see :meth:`load_starting_weights`).
+        pretrained_backbone: local file with torchvision classification weights of the
+            backbone, loaded in ``setup`` too (before ``pretrained``).
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known ones) or bad sizes.
@@ -99,52 +101,49 @@ class DetectionModule(pl.LightningModule):
             anchor_sizes=list(anchor_sizes or [32, 64, 128, 256, 512]),
             aspect_ratios=list(aspect_ratios or [0.5, 1.0, 2.0]),
             trainable_layers=trainable_layers, fpn_channels=fpn_channels, representation_size=representation_size,
-            norm=norm, pretrained_backbone=pretrained_backbone,
+            norm=norm,
             rpn_pre_nms_top_n_train=rpn_proposals_train, rpn_post_nms_top_n_train=rpn_proposals_train,
             rpn_pre_nms_top_n_test=rpn_proposals_test, rpn_post_nms_top_n_test=rpn_proposals_test,
             rpn_batch_size_per_image=rpn_batch_size_per_image, box_batch_size_per_image=box_batch_size_per_image,
             box_score_thresh=box_score_thresh, box_detections_per_img=box_detections_per_img,
         )
-        if pretrained is not None and not pretrained:
-            raise ValueError("pretrained='' is not a file; use null for none")
+        for name, value in (("pretrained", pretrained), ("pretrained_backbone", pretrained_backbone)):
+            if value is not None and not value:
+                raise ValueError(f"{name}='' is not a file; use null for none")
         self.num_classes = num_classes
-        # Patterns kept full precision when QuantConfig.skip is None: backbone + FPN get quantized.
-        self.quant_skip_default: list[str] = ["rpn", "roi_heads", first_conv_name(self.model)]
         self.evaluator: COCOEvaluator | None = None
         self._warned_no_eval = False
-        self._pretrained_loaded = False
 
-    def load_pretrained(self) -> None:
-        """Load the float detector weights named by ``pretrained`` (no-op when it is ``None``).
+    def quant_skip_default(self) -> list[str]:
+        """RPN, RoI heads and the stem conv stay full precision: backbone + FPN get quantized."""
+        return ["rpn", "roi_heads", first_conv_name(self.model)]
 
-        Runs in ``setup``, i.e. after the quantization callback's swap (quantized layers
+    def export_network(self) -> nn.Module:
+        raise TypeError(
+            "detection export is not supported yet: Faster R-CNN returns per-image box lists, not one tensor "
+            "(export_model needs a model that maps an image batch to one tensor)"
+        )
+
+    def load_starting_weights(self) -> None:
+        """Load ``pretrained_backbone`` into the backbone body, then ``pretrained`` into the detector.
+
+        Runs from ``setup``, i.e. after the quantization callback's swap (quantized layers
         share their float layers' parameters and keys; quantizer state starts fresh), and
-        before Lightning restores a ``ckpt_path``, which then wins. Not loading at
-        construction means a module rebuilt from its checkpoint's hyper-parameters (export,
-        inspection) does not need the original file.
+        before Lightning restores a ``ckpt_path``, which then wins.
 
         Raises:
-            FileNotFoundError: no file at ``pretrained``.
+            FileNotFoundError: a named file does not exist.
             ValueError: the weights do not fit this architecture / ``num_classes``.
         """
-        path = self.hparams.pretrained
-        if path is None or self._pretrained_loaded:
-            return  # once: a later stage (fit, then test) must not undo training
-        state = load_state_dict_file(path, "pretrained (detector)")
-        if all(k.startswith("model.") for k in state):
-            state = {k[len("model."):]: v for k, v in state.items()}
-        hint = (
-            f"pretrained {path} does not match {self.hparams.arch} with num_classes={self.hparams.num_classes} "
-            f"(float detector weights expected; resume quantized runs with ckpt_path instead)"
-        )
-        try:
-            result = self.model.load_state_dict(state, strict=False)
-        except RuntimeError as e:  # shape mismatches
-            raise ValueError(f"{hint}: {e}") from None
-        missing = [k for k in result.missing_keys if not k.endswith("num_batches_tracked") and "_quantizer." not in k]
-        if missing or result.unexpected_keys:
-            raise ValueError(f"{hint}: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}")
-        self._pretrained_loaded = True
+        hp = self.hparams
+        if hp.pretrained_backbone is not None:
+            name, key_map = BACKBONE_KEYS[hp.arch]
+            load_weights(self.model.backbone.body, hp.pretrained_backbone, what="pretrained_backbone",
+                         target=f"torchvision's {name}", key_map=key_map)
+        if hp.pretrained is not None:
+            load_weights(self.model, hp.pretrained, target=(
+                f"{hp.arch} with num_classes={hp.num_classes} (float detector weights expected; "
+                f"resume quantized runs with ckpt_path instead)"))
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
         """Detections (eval mode): per image ``boxes`` xyxy, ``labels`` 1..K, ``scores``."""
@@ -152,7 +151,6 @@ class DetectionModule(pl.LightningModule):
 
     # ---- setup / evaluation plumbing ------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        self.load_pretrained()
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = getattr(dm, "num_classes", None) if dm is not None and _ready(dm) else None
         if needed is not None:
@@ -166,6 +164,7 @@ class DetectionModule(pl.LightningModule):
                     f"DetectionModule(num_classes={self.num_classes}) exceeds the data's {needed - 1} categories "
                     f"+ background; the extra classes are never trained", stacklevel=2,
                 )
+        super().setup(stage)  # the starting weights, once the data is known to fit
 
     def _make_evaluator(self) -> COCOEvaluator | None:
         dm = self.trainer.datamodule

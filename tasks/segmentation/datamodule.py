@@ -1,11 +1,13 @@
 """LightningDataModules for PASCAL VOC (optionally SBD-augmented) and Cityscapes.
 
 Training batches are random-scaled, padded and cropped to ``crop_size`` and flipped;
-validation runs on whole images, batched by padding to the largest image in the
+validation and test run on whole images, batched by padding to the largest image in the
 batch (image 0 = mean colour after normalisation, mask 255 = ignored), so padding
-never touches the metrics. The training loader drops its last incomplete batch
-(PSPNet's BN layers need more than one value per channel). Under DDP the validation
-loader splits the images without repeats: Lightning's ``DistributedSampler`` would pad the
+never touches the metrics. ``test`` scores ``test_split`` (default: the validation
+split); ``predict`` reads the images of ``predict_split`` (default: the validation
+split; no masks needed) and yields ``(images, ids, sizes)`` so masks can be cropped back. The training loader drops its last incomplete batch
+(PSPNet's BN layers need more than one value per channel). Under DDP the evaluation
+loaders split the images without repeats: Lightning's ``DistributedSampler`` would pad the
 ranks even with duplicates, which the confusion matrix would count twice.
 """
 from __future__ import annotations
@@ -16,22 +18,25 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch.distributed as dist
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from .datasets import SegmentationFiles, cityscapes_dataset, voc_dataset
+from .datasets import (
+    SegmentationFiles, SegmentationImages, cityscapes_dataset, cityscapes_images, voc_dataset, voc_images,
+)
 from .labels import CITYSCAPES_CLASSES, default_class_names
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, pad_collate, train_transforms
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, pad_collate, pad_images_collate, train_transforms
 
 
 class _SegmentationDataModule(pl.LightningDataModule):
-    """Shared loaders and transforms; subclasses build ``train_set`` / ``val_set`` in ``setup``."""
+    """Shared loaders and transforms; subclasses build the split datasets in ``setup``."""
 
     num_classes: int
     class_names: list[str]
 
     def __init__(self, *, root: str, batch_size: int, val_batch_size: int | None, num_workers: int,
                  crop_size: int | tuple[int, int], scale_range: tuple[float, float], hflip: bool,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+                 mean: Sequence[float], std: Sequence[float], train_split: str, val_split: str,
+                 test_split: str | None, predict_split: str | None) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
@@ -45,13 +50,18 @@ class _SegmentationDataModule(pl.LightningDataModule):
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.hflip = hflip
         self.mean, self.std = tuple(mean), tuple(std)
+        self.train_split, self.val_split = train_split, val_split
+        self.test_split = test_split or val_split
+        self.predict_split = predict_split or val_split
         self.train_set: SegmentationFiles | None = None
         self.val_set: SegmentationFiles | None = None
+        self.test_set: SegmentationFiles | None = None
+        self.predict_set: SegmentationImages | None = None
 
     def _train_transform(self):
         return train_transforms(self.crop_size, self.scale_range, self.hflip)
 
-    def _loader(self, dataset: SegmentationFiles | None, *, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, *, train: bool, collate=pad_collate) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not run")
         sampler = None
@@ -60,7 +70,7 @@ class _SegmentationDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset, batch_size=self.batch_size if train else self.val_batch_size, shuffle=train, sampler=sampler,
             drop_last=train and len(dataset) > self.batch_size, num_workers=self.num_workers,
-            collate_fn=pad_collate, persistent_workers=self.num_workers > 0, pin_memory=False,
+            collate_fn=collate, persistent_workers=self.num_workers > 0, pin_memory=False,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -68,6 +78,12 @@ class _SegmentationDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set, train=False, collate=pad_images_collate)
 
 
 class VOCSegmentationDataModule(_SegmentationDataModule):
@@ -78,6 +94,8 @@ class VOCSegmentationDataModule(_SegmentationDataModule):
         root: the ``VOC2012`` folder (or a generated digits-VOC folder).
         num_classes: 21 for VOC, 11 for digits-VOC; mask values must be below it or 255.
         train_split / val_split: list files under ``ImageSets/Segmentation``.
+        test_split: list file scored by ``test`` (default: ``val_split``).
+        predict_split: list file whose images ``predict`` segments (default: ``val_split``).
         augmented: train on the SBD-augmented set: ``ImageSets/Segmentation/train_aug.txt``
             with masks from ``SegmentationClassAug/`` (validation stays on VOC's own masks).
         class_names: names for per-class metrics; defaults by ``num_classes``.
@@ -87,20 +105,21 @@ class VOCSegmentationDataModule(_SegmentationDataModule):
     """
 
     def __init__(self, *, root: str, num_classes: int = 21, train_split: str = "train", val_split: str = "val",
+                 test_split: str | None = None, predict_split: str | None = None,
                  augmented: bool = False, class_names: list[str] | None = None,
                  make_digits_if_missing: bool = False, batch_size: int = 8,
                  val_batch_size: int | None = None, num_workers: int = 4, crop_size: int | tuple[int, int] = 480,
                  scale_range: tuple[float, float] = (0.5, 2.0), hflip: bool = True,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
-                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, mean=mean, std=std)
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, mean=mean, std=std,
+                         train_split="train_aug" if augmented and train_split == "train" else train_split,
+                         val_split=val_split, test_split=test_split, predict_split=predict_split)
         self.num_classes = num_classes
         self.class_names = list(class_names) if class_names else default_class_names(num_classes)
         if len(self.class_names) != num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names for num_classes={num_classes}")
-        self.train_split = "train_aug" if augmented and train_split == "train" else train_split
         self.train_mask_dir = "SegmentationClassAug" if augmented else "SegmentationClass"
-        self.val_split = val_split
         self.make_digits_if_missing = make_digits_if_missing
 
     def prepare_data(self) -> None:
@@ -116,6 +135,10 @@ class VOCSegmentationDataModule(_SegmentationDataModule):
                                          transform=self._train_transform(), **common)
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = voc_dataset(self.root, self.val_split, **common)
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = voc_dataset(self.root, self.test_split, **common)
+        if stage in (None, "predict") and self.predict_set is None:
+            self.predict_set = voc_images(self.root, self.predict_split, mean=self.mean, std=self.std)
 
 
 class CityscapesDataModule(_SegmentationDataModule):
@@ -126,14 +149,16 @@ class CityscapesDataModule(_SegmentationDataModule):
 
     num_classes = 19
 
-    def __init__(self, *, root: str, train_split: str = "train", val_split: str = "val", batch_size: int = 8,
+    def __init__(self, *, root: str, train_split: str = "train", val_split: str = "val",
+                 test_split: str | None = None, predict_split: str | None = None, batch_size: int = 8,
                  val_batch_size: int | None = None, num_workers: int = 4, crop_size: int | tuple[int, int] = 713,
                  scale_range: tuple[float, float] = (0.5, 2.0), hflip: bool = True,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> None:
         super().__init__(root=root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
-                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, mean=mean, std=std)
+                         crop_size=crop_size, scale_range=scale_range, hflip=hflip, mean=mean, std=std,
+                         train_split=train_split, val_split=val_split, test_split=test_split,
+                         predict_split=predict_split)
         self.class_names = list(CITYSCAPES_CLASSES)
-        self.train_split, self.val_split = train_split, val_split
 
     def setup(self, stage: str | None = None) -> None:
         common = {"mean": self.mean, "std": self.std}
@@ -142,3 +167,7 @@ class CityscapesDataModule(_SegmentationDataModule):
                                                 **common)
         if stage in (None, "fit", "validate") and self.val_set is None:
             self.val_set = cityscapes_dataset(self.root, self.val_split, **common)
+        if stage in (None, "test") and self.test_set is None:
+            self.test_set = cityscapes_dataset(self.root, self.test_split, **common)
+        if stage in (None, "predict") and self.predict_set is None:
+            self.predict_set = cityscapes_images(self.root, self.predict_split, **common)

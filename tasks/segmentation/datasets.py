@@ -16,7 +16,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from .labels import CITYSCAPES_VALID_IDS, IGNORE_INDEX, cityscapes_lut
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_pair
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_image, to_tensor_pair
 
 JointTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 _INDEX_MODES = ("P", "L", "I", "I;16")
@@ -114,6 +114,30 @@ class SegmentationFiles(Dataset):
         return x, y
 
 
+class SegmentationImages(Dataset):
+    """Images alone, for ``predict``: ``(image, id, (height, width))`` (the split needs no masks).
+
+    Args:
+        images: RGB image paths.
+        ids: one name per image; the predicted mask is written as ``<id>.png``.
+    """
+
+    def __init__(self, images: Sequence[Path], ids: Sequence[str], *, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD) -> None:
+        if len(images) != len(ids):
+            raise ValueError(f"{len(images)} images but {len(ids)} ids")
+        check_exists(images, "image")
+        self.images, self.ids = list(images), list(ids)
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, str, tuple[int, int]]:
+        image = Image.open(self.images[index]).convert("RGB")
+        return to_tensor_image(image, self.mean, self.std), self.ids[index], (image.height, image.width)
+
+
 def read_id_list(path: Path) -> list[str]:
     """Sample ids, one per line, from a VOC ``ImageSets`` list file."""
     if not path.is_file():
@@ -137,11 +161,14 @@ def voc_dataset(root: str | Path, split: str, *, num_classes: int = 21, mask_dir
     return SegmentationFiles(images, masks, num_classes=num_classes, transform=transform, **kwargs)
 
 
-def cityscapes_dataset(root: str | Path, split: str, *, transform: JointTransform | None = None,
-                       **kwargs) -> SegmentationFiles:
-    """Cityscapes layout: ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` with
-    ``gtFine/<split>/<city>/<name>_gtFine_labelIds.png``, mapped to the 19 train ids."""
+def voc_images(root: str | Path, split: str, **kwargs) -> SegmentationImages:
+    """The images of a VOC split list (``JPEGImages/<id>.jpg``), ids as listed."""
     root = Path(root)
+    ids = read_id_list(root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    return SegmentationImages([root / "JPEGImages" / f"{i}.jpg" for i in ids], ids, **kwargs)
+
+
+def _cityscapes_images(root: Path, split: str) -> list[Path]:
     image_dir = root / "leftImg8bit" / split
     images = sorted(image_dir.glob("*/*_leftImg8bit.png"))
     if not images:
@@ -149,6 +176,21 @@ def cityscapes_dataset(root: str | Path, split: str, *, transform: JointTransfor
             f"no images matching {str(image_dir / '<city>' / '*_leftImg8bit.png')!r}; expected the Cityscapes "
             "layout <root>/leftImg8bit/<split>/<city>/ and <root>/gtFine/<split>/<city>/"
         )
+    return images
+
+
+def cityscapes_images(root: str | Path, split: str, **kwargs) -> SegmentationImages:
+    """The images of a Cityscapes split, ids ``<city>_<seq>_<frame>`` (the name without ``_leftImg8bit``)."""
+    images = _cityscapes_images(Path(root), split)
+    return SegmentationImages(images, [p.name.removesuffix("_leftImg8bit.png") for p in images], **kwargs)
+
+
+def cityscapes_dataset(root: str | Path, split: str, *, transform: JointTransform | None = None,
+                       **kwargs) -> SegmentationFiles:
+    """Cityscapes layout: ``leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` with
+    ``gtFine/<split>/<city>/<name>_gtFine_labelIds.png``, mapped to the 19 train ids."""
+    root = Path(root)
+    images = _cityscapes_images(root, split)
     masks = [
         root / "gtFine" / split / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
         for p in images

@@ -1,31 +1,31 @@
 """``SegmentationModule``: FCN / PSPNet training and evaluation for LightningCLI.
 
-The network lives in ``self.model`` (the quantization callback swaps layers of
-``pl_module.model``); ``quant_skip_default`` names the layers it keeps full
-precision when ``QuantConfig.skip`` is None. Loss: pixel-wise cross-entropy with
-``ignore_index`` (mean over counted pixels, 0 for an all-ignored batch) plus
-``aux_weight`` times the auxiliary head's loss in training. Validation logs
-``val/mIoU``, ``val/pixel_acc`` and ``val/iou_<class>`` from a torchmetrics
-confusion matrix, and saves a PNG of a few predictions to the run directory.
+The network lives in ``self.model`` (what the quantization callback swaps);
+``quant_skip_default()`` names the layers kept full precision when ``QuantConfig.skip``
+is None, and ``export_network()`` is the main map alone (:class:`MainOutput`). Loss:
+pixel-wise cross-entropy with ``ignore_index`` (mean over counted pixels, 0 for an
+all-ignored batch) plus ``aux_weight`` times the auxiliary head's loss in training.
+Validation logs ``val/mIoU``, ``val/pixel_acc`` and ``val/iou_<class>`` from a
+torchmetrics confusion matrix, and saves a PNG of a few predictions to the run
+directory; ``predict`` writes one palette PNG mask per image (:class:`PaletteMaskWriter`).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-
 import pytorch_lightning as pl
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from gdrq_lightning import monitoring
-from tasks.common import OptimizerName, SchedulerName, build_optimization, check_finite
+from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.weights import load_weights
 
 from .labels import IGNORE_INDEX, default_class_names
 from .metrics import iou_per_class, pixel_accuracy
-from .models import build_model, quant_skip
-from .models.backbone import load_state_file
+from .models import BACKBONES, MainOutput, backbone_key, build_model, quant_skip
+from .predictions import PaletteMaskWriter, PredictBatch
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .visualize import save_prediction_grid
 
@@ -34,7 +34,7 @@ def _metric_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
 
 
-class SegmentationModule(pl.LightningModule):
+class SegmentationModule(TaskModule):
     """Semantic segmentation with FCN or PSPNet.
 
     Args:
@@ -47,8 +47,9 @@ class SegmentationModule(pl.LightningModule):
             :func:`tasks.common.build_optimization`; the LR follows the poly schedule
             ``(1 - step/total) ** poly_power`` unless ``scheduler`` says otherwise.
         pretrained: local file with weights for the whole network (a state dict or a
-            Lightning checkpoint; quantizer entries are ignored).
-        pretrained_backbone: local file with torchvision-named ResNet weights.
+            Lightning checkpoint; quantizer entries are ignored), loaded in ``setup``.
+        pretrained_backbone: local file with torchvision ResNet classifier weights, loaded
+            into the backbone in ``setup`` (before ``pretrained``).
         class_names: names for ``val/iou_<name>``; default: the datamodule's, else by ``num_classes``.
         num_vis: validation samples drawn into the prediction PNG (0 = none).
 
@@ -86,11 +87,7 @@ class SegmentationModule(pl.LightningModule):
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         self.save_hyperparameters()
-        self.model = build_model(arch, num_classes=num_classes, aux_loss=aux_loss,
-                                 pretrained_backbone=pretrained_backbone)
-        if pretrained is not None:
-            self._load_pretrained(pretrained)
-        self.quant_skip_default: list[str] = quant_skip(arch, aux_loss)
+        self.model = build_model(arch, num_classes=num_classes, aux_loss=aux_loss)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.class_names = list(class_names) if class_names else default_class_names(num_classes)
@@ -98,15 +95,28 @@ class SegmentationModule(pl.LightningModule):
         self.test_confmat = MulticlassConfusionMatrix(num_classes, ignore_index=ignore_index, validate_args=False)
         self._vis: tuple[Tensor, Tensor, Tensor] | None = None
 
-    def _load_pretrained(self, path: str) -> None:
-        state = load_state_file(path)
-        if any(k.startswith("model.") for k in state):  # a Lightning checkpoint of this module
-            state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        state = {k: v for k, v in state.items() if "_quantizer." not in k}
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights {path!r} do not match {self.hparams.arch}: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+    def quant_skip_default(self) -> list[str]:
+        return quant_skip(self.hparams.arch, self.hparams.aux_loss)
+
+    def export_network(self) -> nn.Module:
+        return MainOutput(self.model)
+
+    def load_starting_weights(self) -> None:
+        """``pretrained_backbone`` into the backbone, then ``pretrained`` into the whole network.
+
+        Raises:
+            FileNotFoundError: a named file does not exist.
+            ValueError: the weights do not fit the backbone / ``arch`` with ``num_classes``.
+        """
+        hp = self.hparams
+        if hp.pretrained_backbone is not None:
+            load_weights(self.model.backbone, hp.pretrained_backbone, what="pretrained_backbone",
+                         target=f"torchvision's {BACKBONES[hp.arch]}", key_map=backbone_key)
+        if hp.pretrained is not None:
+            load_weights(self.model, hp.pretrained, target=f"{hp.arch} with num_classes={hp.num_classes}")
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [PaletteMaskWriter()]  # acts in `predict` only
 
     # ----------------------------------------------------------------- setup
     def setup(self, stage: str) -> None:
@@ -118,6 +128,7 @@ class SegmentationModule(pl.LightningModule):
             )
         if self.hparams.class_names is None and getattr(dm, "class_names", None):
             self.class_names = list(dm.class_names)
+        super().setup(stage)  # the starting weights, once the data is known to fit
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits ``[N, num_classes, H, W]`` at the input resolution."""
@@ -159,9 +170,11 @@ class SegmentationModule(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return self(images).argmax(dim=1)
+    def predict_step(self, batch: PredictBatch, batch_idx: int) -> dict[str, list]:
+        """Class-index masks (``uint8``) cropped back to each image's size, with the image ids."""
+        images, ids, sizes = batch
+        preds = self(images).argmax(dim=1).to(torch.uint8)
+        return {"ids": list(ids), "masks": [p[:h, :w] for p, (h, w) in zip(preds, sizes)]}
 
     # ----------------------------------------------------------------- epoch ends
     def _log_metrics(self, confmat: MulticlassConfusionMatrix, stage: str) -> None:

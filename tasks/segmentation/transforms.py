@@ -34,11 +34,15 @@ class Compose:
         return image, mask
 
 
+def to_tensor_image(image: Image.Image, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """PIL RGB image -> normalised ``float [3,H,W]``."""
+    x = pil_to_tensor(image).float().div_(255.0)
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
 def to_tensor_pair(image: Image.Image, mask: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Pair:
     """PIL RGB image + integer mask array -> normalised ``float [3,H,W]`` and ``int64 [H,W]``."""
-    x = pil_to_tensor(image).float().div_(255.0)
-    x = (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
-    return x, torch.from_numpy(np.array(mask, dtype=np.int64))
+    return to_tensor_image(image, mean, std), torch.from_numpy(np.array(mask, dtype=np.int64))
 
 
 class RandomScale:
@@ -107,3 +111,11 @@ def pad_collate(batch: list[Pair]) -> Pair:
     width = max(m.shape[1] for _, m in batch)
     padded = [pad_to(x, m, height, width) for x, m in batch]
     return torch.stack([x for x, _ in padded]), torch.stack([m for _, m in padded])
+
+
+def pad_images_collate(batch: list[tuple[Tensor, str, tuple[int, int]]]) -> tuple[Tensor, list[str], list[tuple[int, int]]]:
+    """``predict`` batches: images padded to the largest (with 0), their ids and original sizes."""
+    height = max(x.shape[1] for x, _, _ in batch)
+    width = max(x.shape[2] for x, _, _ in batch)
+    images = torch.stack([F.pad(x, (0, width - x.shape[2], 0, height - x.shape[1])) for x, _, _ in batch])
+    return images, [i for _, i, _ in batch], [size for _, _, size in batch]

@@ -92,6 +92,16 @@ def test_accuracy_digits_fine_tune_protocol_pretrains_once_per_seed(
     assert "seed 0: top-1" in capsys.readouterr().out  # nor records of another learning rate
 
 
+def test_accuracy_digits_rows_do_not_shadow_the_library_method_enum() -> None:
+    import gdrq_lightning
+
+    bench = load("accuracy_digits")
+    assert not hasattr(bench, "Method")  # `Method` is gdrq_lightning's enum of quantization methods
+    assert all(isinstance(row, bench.Row) for row in bench.ROWS)
+    ours = [row for row in bench.ROWS if row.kind == "ours"]
+    assert {gdrq_lightning.Method(row.config["method"]) for row in ours} >= {gdrq_lightning.Method("gdrq")}
+
+
 def test_accuracy_digits_selects_exact_labels_and_stages_gdrq() -> None:
     bench = load("accuracy_digits")
     labels = [m.label for m in bench.selected(bench.parse_args(["--methods", "GDRQ W2A4 (G=4)"]))]
@@ -99,7 +109,7 @@ def test_accuracy_digits_selects_exact_labels_and_stages_gdrq() -> None:
     labels = [m.label for m in bench.selected(bench.parse_args(["--methods", "GDRQ W2A4", "--skip", "once"]))]
     assert labels == ["GDRQ W2A4 (G=4)"]
     args = bench.parse_args(["--epochs", "8", "--warmup-epochs", "1"])
-    rows = {m.label: m for m in bench.METHODS}
+    rows = {m.label: m for m in bench.ROWS}
     staged = bench.schedule_for(rows["GDRQ W4A4 (G=4)"], args)
     at_once = bench.schedule_for(rows["GDRQ W4A4 (G=4), all at once"], args)
     assert (staged.scale_clip, staged.quant_weights, staged.quant_acts, staged.groups) == (1, 2, 2, 2)

@@ -31,13 +31,26 @@ def tiny_net() -> nn.Module:
 
 
 class TinyModule(pl.LightningModule):
-    """Cross-entropy on random 8x8 images; the network is ``self.model`` (what the callback quantizes)."""
+    """Cross-entropy on random 8x8 images; implements :class:`gdrq_lightning.task.QuantTask`
+    by hand (no task base class): the network is ``self.model`` (what the callback quantizes)."""
 
     def __init__(self, lr: float = 0.05) -> None:
         super().__init__()
         self.save_hyperparameters()
         torch.manual_seed(0)
         self.model = tiny_net()
+
+    def quant_network(self) -> nn.Module:
+        return self.model
+
+    def quant_skip_default(self) -> list[str] | None:
+        return None
+
+    def load_pretrained(self) -> None:
+        pass
+
+    def export_network(self) -> nn.Module:
+        return self.model
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

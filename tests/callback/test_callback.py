@@ -1,8 +1,7 @@
-"""``GDRQCallback``: argument checks, ``state_dict`` round trip, stages, summary metric,
-transition log lines and per-layer monitoring through a CSV logger (SPEC §6, §7)."""
+"""``GDRQCallback``: argument checks, ``state_dict`` round trip, stages, summary metric and
+transition log lines (SPEC §6, §7); the contract it quantizes through (``gdrq_lightning.task``)."""
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.loggers import CSVLogger
 
 from gdrq_lightning import GDRQCallback, QuantConfig, Schedule, quantize_model, quantized_layers
 from gdrq_lightning.callback import STATE_VERSION
@@ -56,7 +54,6 @@ def test_dict_arguments_become_config_and_schedule() -> None:
         (dict(schedule=[1, 2]), TypeError, r"schedule=.*Schedule or a dict.*list"),
         (dict(config={"weight_bits": 9}), ValueError, r"QuantConfig\.weight_bits=9"),
         (dict(schedule={"groups": "week:3"}), ValueError, r"Schedule\.groups='week:3'"),
-        (dict(log_every_n_steps=0), ValueError, r"log_every_n_steps=0"),
     ],
 )
 def test_bad_arguments_fail_in_init(kwargs: dict, error: type[Exception], match: str) -> None:
@@ -150,41 +147,3 @@ def test_summary_metric_skips_the_sanity_check(make_trainer, make_module, no_plo
     gdrq = GDRQCallback(GDRQ_W4A4, Schedule(), summary_metric="val/acc")
     make_trainer([gdrq], max_epochs=1, limit_train_batches=1, limit_val_batches=1, num_sanity_val_steps=1).fit(make_module())
     assert list(gdrq.phase_metrics) == ["groups"]  # the sanity check ran in fp; it is not a result
-
-
-# -- monitoring ------------------------------------------------------------------------
-def test_layer_statistics_phases_and_plots_reach_a_csv_logger(tmp_path: Path, make_trainer, make_module) -> None:
-    logger = CSVLogger(tmp_path, name="csv", version=0)
-    schedule = Schedule(scale_clip="step:1", quant_weights="step:2", quant_acts="step:2", groups=None, freeze_bn=None)
-    gdrq = GDRQCallback(GDRQ_W4A4, schedule)
-    module = make_module()
-    trainer = make_trainer([gdrq], logger=logger, log_every_n_steps=1, max_steps=3, max_epochs=-1, limit_train_batches=2)
-    trainer.fit(module)
-    with open(Path(logger.log_dir) / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    columns = set(rows[0])
-    for layer in ("3", "6"):
-        assert {f"quant/{layer}/w_threshold", f"quant/{layer}/w_quant_error", f"quant/{layer}/w_clipped_frac"} <= columns
-    for act in ("2", "5", "8"):
-        assert {f"quant/{act}/a_threshold", f"quant/{act}/a_clipped_frac"} <= columns
-    assert "quant/0/w_threshold" not in columns  # the float first conv is not a quantized layer
-    phases = [(int(r["step"]), float(r["quant/phase"])) for r in rows if r.get("quant/phase")]
-    assert phases == [(1, 1.0), (2, 2.0), (2, 3.0)]
-    stats = [r for r in rows if r.get("quant/3/w_threshold")]
-    assert [int(r["step"]) for r in stats] == [1, 2, 3]  # logged after steps 0, 1, 2
-    for r in stats:
-        assert 0.0 <= float(r["quant/3/w_clipped_frac"]) <= 1.0 and 0.0 <= float(r["quant/5/a_clipped_frac"]) <= 1.0
-        assert float(r["quant/5/a_threshold"]) > 0
-    w = module.model[3].weight.detach()
-    assert float(stats[-1]["quant/3/w_threshold"]) == pytest.approx(float(2.0 * w.abs().mean()), rel=1e-6)
-    assert float(stats[0]["quant/3/w_quant_error"]) == 0.0  # fp: the weight is used as is
-    assert float(stats[-1]["quant/3/w_quant_error"]) > 0.0
-    plots = sorted(p.name for p in (Path(logger.log_dir) / "quant_plots").iterdir())
-    assert plots == ["quant_acts_3.png", "quant_weights_3.png", "scale_clip_3.png"]
-    assert all((Path(logger.log_dir) / "quant_plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
-
-
-def test_plot_layer_selects_the_plotted_layer(make_trainer, make_module, no_plots) -> None:
-    gdrq = GDRQCallback(GDRQ_W4A4, Schedule(quant_acts=None, groups=None), plot_layer="6")
-    make_trainer([gdrq], max_epochs=1, limit_train_batches=1).fit(make_module())
-    assert [Path(p).name for p in no_plots] == ["scale_clip_6.png", "quant_weights_6.png"]

@@ -11,9 +11,10 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.testing import assert_close
 
-from gdrq_lightning import GDRQCallback, QuantConfig, Schedule, quantized_layers
-from gdrq_lightning.quant import dequantize_model, named_quantizers
-from gdrq_lightning.quant.quantizers import WeightQuantizer
+from gdrq_lightning import GDRQCallback, QuantConfig, QuantMonitor, Schedule, quantized_layers
+from gdrq_lightning.quant import dequantize_model
+from gdrq_lightning.quant import named_quantizers
+from gdrq_lightning.quant import WeightQuantizer
 from gdrq_lightning.schedule import PHASES
 
 GDRQ_W4A4 = QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4)
@@ -75,7 +76,7 @@ def run(
     gdrq = GDRQCallback(config, schedule)
     probe = Probe(gdrq)
     module = make_module()
-    make_trainer([gdrq, probe], **trainer_kwargs).fit(module)
+    make_trainer([gdrq, probe, QuantMonitor()], **trainer_kwargs).fit(module)
     return gdrq, probe, module
 
 

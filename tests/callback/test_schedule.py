@@ -64,9 +64,23 @@ def test_phases_out_of_order_are_rejected(kwargs: dict, late: str, early: str) -
 
 
 def test_equal_starts_and_mixed_units_are_allowed() -> None:
-    s = Schedule(scale_clip=1, quant_weights=1, quant_acts="step:3", groups=0, freeze_bn="step:10")
-    # groups@epoch 0 follows quant_weights@epoch 1 across a step-based phase: not comparable, accepted
-    assert s.starts()["groups"] == Start("epoch", 0)
+    s = Schedule(scale_clip=1, quant_weights=1, quant_acts="step:3", groups=2, freeze_bn="step:10")
+    assert s.starts()["groups"] == Start("epoch", 2)
+    assert Schedule(scale_clip="step:500", quant_weights=0).starts()["quant_weights"] == Start("epoch", 0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "late", "early"),
+    [
+        # a step-based phase in between used to hide the epoch phases' order
+        (dict(scale_clip=1, quant_weights=1, quant_acts="step:3", groups=0), "groups", "quant_weights"),
+        (dict(scale_clip=3, quant_weights="step:5", quant_acts="step:6", groups=None, freeze_bn=2), "freeze_bn", "scale_clip"),
+        (dict(scale_clip="step:9", quant_weights=1, quant_acts=2, groups="step:4"), "groups", "scale_clip"),
+    ],
+)
+def test_every_earlier_phase_of_the_same_unit_is_compared(kwargs: dict, late: str, early: str) -> None:
+    with pytest.raises(ValueError, match=rf"out of order: {late} .* before {early}"):
+        Schedule(**{**OFF, **kwargs})
 
 
 def test_due_mixes_epochs_and_steps_in_phase_order() -> None:

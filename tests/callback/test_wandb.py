@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pytorch_lightning.loggers import WandbLogger
 
-from gdrq_lightning import GDRQCallback, QuantConfig, Schedule
+from gdrq_lightning import GDRQCallback, QuantConfig, QuantMonitor, Schedule
 
 wandb = pytest.importorskip("wandb")
 
@@ -29,7 +29,7 @@ def test_quant_metrics_histograms_and_plots_reach_an_offline_wandb_run(offline_w
     logger = WandbLogger(project="gdrq-test", save_dir=str(save_dir), offline=True)
     schedule = Schedule(scale_clip="step:1", quant_weights="step:1", quant_acts=None, groups=None)
     trainer = make_trainer(
-        [GDRQCallback(QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4), schedule)],
+        [GDRQCallback(QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4), schedule), QuantMonitor()],
         logger=logger, log_every_n_steps=1, max_steps=2, max_epochs=-1, limit_train_batches=2,
     )
     try:

@@ -1,10 +1,12 @@
-"""The ``gdrq`` command: help, config errors, the default W&B-offline logger, ``gdrq data``,
-and one real ``gdrq fit`` on digits through the console script.
+"""The ``gdrq`` command: help, config errors, the default W&B-offline logger, the default
+``QuantMonitor``, ``gdrq data`` through entry points, and one real ``gdrq fit`` on digits
+through the console script.
 
 Parser behaviour is tested in process (``main(args)``): a subprocess costs seconds of
 imports each. The end-to-end run goes through the installed console script."""
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -17,7 +19,7 @@ import torch
 import yaml
 
 from gdrq_lightning.checkpoint import load_quantized_module
-from gdrq_lightning.cli import main
+from gdrq_lightning.cli import data_commands, main
 
 REPO = Path(__file__).resolve().parents[2]
 DIGITS_GDRQ = str(REPO / "configs" / "classification" / "digits_gdrq_w4a4.yaml")
@@ -54,6 +56,7 @@ def test_fit_help_mentions_config(capsys: pytest.CaptureFixture) -> None:
     assert run_main(["fit", "--help"]) == 0
     out = capsys.readouterr().out
     assert "--config CONFIG" in out and "--trainer.max_epochs" in out and "--checkpoint.save_last" in out
+    assert "--quant_monitor.log_every_n_steps" in out and "--quant_monitor.plot_layer" in out
 
 
 @pytest.mark.parametrize(
@@ -92,6 +95,49 @@ def test_data_help(capsys: pytest.CaptureFixture) -> None:
     assert run_main(["data", "--help"]) == 0
     out = capsys.readouterr().out
     assert "make-digits-coco" in out and "make-digits-voc" in out and "out_dir" in out
+
+
+def test_data_commands_are_entry_points(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """Declared in pyproject.toml (group ``gdrq.data``); the library names no task module."""
+    commands = data_commands()
+    assert {name: ep.value for name, ep in commands.items()} == {
+        "make-digits-coco": "tasks.detection.digits_coco:make_digits_coco",
+        "make-digits-voc": "tasks.segmentation.digits_voc:make_digits_voc",
+    }
+    main(["data", "make-digits-voc", str(tmp_path / "voc"), "--seed", "1"])
+    assert capsys.readouterr().out.strip() == str(tmp_path / "voc")
+    assert len((tmp_path / "voc" / "ImageSets" / "Segmentation" / "val.txt").read_text().split()) == 100
+
+
+def test_unknown_data_command_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["data", "make-imagenet", "out"]) == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'make-imagenet'" in err and "'make-digits-coco', 'make-digits-voc'" in err
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["gdrq", "fp32-without-callback"])
+def test_quant_monitor_is_present_by_default(tmp_path: Path, monkeypatch, quantized: bool) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = yaml.safe_load(Path(DIGITS_GDRQ).read_text())
+    config["trainer"]["callbacks"][0]["init_args"]["schedule"] = {
+        "scale_clip": 0, "quant_weights": "step:1", "quant_acts": None, "groups": None}
+    if not quantized:
+        config["trainer"]["callbacks"] = []
+    config["trainer"]["logger"] = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "logs"}}
+    i = TINY_RUN.index("--trainer.logger")
+    args = TINY_RUN[:i] + TINY_RUN[i + 2:]
+    main(["fit", "--config", write_yaml(tmp_path / "c.yaml", config), *args, "--trainer.log_every_n_steps", "1"])
+    (metrics,) = (tmp_path / "logs").glob("**/metrics.csv")
+    log_dir = metrics.parent
+    with open(metrics) as f:
+        columns = set(next(csv.reader(f)))
+    plots = sorted(p.name for p in (log_dir / "quant_plots").glob("*.png")) if quantized else []
+    if quantized:
+        assert {"quant/layer1.0.conv1/w_threshold", "quant/layer1.0.relu/a_clipped_frac"} <= columns
+        assert plots == ["quant_weights_layer1_0_conv1.png", "scale_clip_layer1_0_conv1.png"]
+    else:
+        assert "train/loss" in columns and not any(c.startswith("quant/") for c in columns)
+        assert not (log_dir / "quant_plots").exists()
 
 
 # -- the console script ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ SCRIPT = textwrap.dedent(
             fpn_channels=32, representation_size=64, box_batch_size_per_image=32, rpn_proposals_train=64,
             rpn_proposals_test=64, lr=0.01)
         data = COCODataModule(root=sys.argv[1], batch_size=2, hflip_prob=0.0)
-        cb = GDRQCallback(QuantConfig(method="gdrq", groups=4), Schedule(), plot_layer="<none>")
+        cb = GDRQCallback(QuantConfig(method="gdrq", groups=4), Schedule())
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, logger=False,
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                              num_sanity_val_steps=0, callbacks=[cb, Probe()])

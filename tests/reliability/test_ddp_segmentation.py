@@ -39,7 +39,7 @@ SCRIPT = textwrap.dedent(
         module = SegmentationModule(arch="fcn_resnet18", num_classes=11, num_vis=0)
         data = VOCSegmentationDataModule(root=sys.argv[1], num_classes=11, batch_size=2, val_batch_size=1,
                                          num_workers=0, crop_size=32, hflip=False)
-        cb = GDRQCallback(QuantConfig(method="gdrq", groups=4), Schedule(), plot_layer="<none>")
+        cb = GDRQCallback(QuantConfig(method="gdrq", groups=4), Schedule())
         trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=1, logger=False,
                              enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                              num_sanity_val_steps=0, callbacks=[cb, Probe()])

@@ -59,8 +59,10 @@ def test_pretrained_from_a_local_state_dict(tmp_path: Path) -> None:
     torch.manual_seed(1)
     source = build_classifier("resnet18", num_classes=10)
     torch.save(source.state_dict(), tmp_path / "r18.pt")
+    module = ClassificationModule("resnet18", num_classes=5, pretrained=str(tmp_path / "r18.pt"))
     with pytest.warns(UserWarning, match=r"skipped 2 tensors .*'fc\.bias', 'fc\.weight'"):
-        model = build_classifier("resnet18", num_classes=5, pretrained=str(tmp_path / "r18.pt"))
+        module.setup("fit")
+    model = module.model
     assert_close(model.layer3[1].conv2.weight, source.layer3[1].conv2.weight, atol=0, rtol=0)
     assert_close(model.bn1.running_var, source.bn1.running_var, atol=0, rtol=0)
     assert model.fc.out_features == 5
@@ -68,20 +70,22 @@ def test_pretrained_from_a_local_state_dict(tmp_path: Path) -> None:
 
 def test_pretrained_from_a_lightning_checkpoint(tmp_path: Path) -> None:
     torch.manual_seed(2)
-    module = ClassificationModule("resnet18", num_classes=10)
-    torch.save({"state_dict": module.state_dict(), "epoch": 3}, tmp_path / "run.ckpt")
-    model = build_classifier("resnet18", num_classes=10, pretrained=str(tmp_path / "run.ckpt"))
-    for key, value in module.model.state_dict().items():
-        assert_close(model.state_dict()[key], value, atol=0, rtol=0, msg=key)
+    source = ClassificationModule("resnet18", num_classes=10)
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "run.ckpt")
+    module = ClassificationModule("resnet18", num_classes=10, pretrained=str(tmp_path / "run.ckpt"))
+    module.load_pretrained()
+    for key, value in source.model.state_dict().items():
+        assert_close(module.model.state_dict()[key], value, atol=0, rtol=0, msg=key)
 
 
 def test_pretrained_errors(tmp_path: Path) -> None:
     missing = tmp_path / "nope.pt"
+    module = ClassificationModule("resnet18", num_classes=10, pretrained=str(missing))  # construction reads no file
     with pytest.raises(FileNotFoundError, match=rf"pretrained weights file not found: {missing}"):
-        build_classifier("resnet18", num_classes=10, pretrained=str(missing))
+        module.load_pretrained()
     torch.save({"encoder.w": torch.zeros(3)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match=r"other\.pt shares no tensor names/shapes"):
-        build_classifier("resnet18", num_classes=10, pretrained=str(tmp_path / "other.pt"))
+        ClassificationModule("resnet18", num_classes=10, pretrained=str(tmp_path / "other.pt")).load_pretrained()
 
 
 # -- digits ------------------------------------------------------------------------------

@@ -44,7 +44,7 @@ def test_config_builds(path: Path) -> None:
         # every quantized conv's output channels divide into the configured groups
         import gdrq_lightning as G
 
-        cfg_q = QuantConfig(**{**args["config"], "skip": module.quant_skip_default})
+        cfg_q = QuantConfig(**{**args["config"], "skip": module.quant_skip_default()})
         G.quantize_model(module.model, cfg_q)
         assert G.quantized_layers(module.model)
     else:

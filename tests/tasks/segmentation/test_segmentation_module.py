@@ -39,7 +39,7 @@ def test_fit_quantized_pspnet_on_tiny_cityscapes(tiny_cityscapes: Path, tmp_path
     dm = CityscapesDataModule(root=str(tiny_cityscapes), batch_size=2, num_workers=0, crop_size=16)
     module = SegmentationModule(arch="pspnet_resnet18", num_classes=19, lr=0.01, num_vis=0)
     quantize_model(module.model, QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=2,
-                                             skip=module.quant_skip_default))
+                                             skip=module.quant_skip_default()))
     assert len(quantized_layers(module.model)) > 20
     trainer = _trainer(tmp_path)
     trainer.fit(module, dm)
@@ -95,12 +95,20 @@ def test_pretrained_weights_load_from_local_file(tmp_path: Path) -> None:
     imagenet = torchvision.models.resnet18(weights=None)  # torchvision key names, fc included
     torch.save(imagenet.state_dict(), tmp_path / "backbone.pt")
     dst = SegmentationModule(arch="pspnet_resnet18", num_classes=3, pretrained=str(tmp_path / "model.pt"))
+    dst.load_pretrained()
     torch.testing.assert_close(dst.model.classifier.cls.weight, src.model.classifier.cls.weight)
     bb = SegmentationModule(arch="pspnet_resnet18", num_classes=3, pretrained_backbone=str(tmp_path / "backbone.pt"))
+    bb.load_pretrained()
     torch.testing.assert_close(bb.model.backbone.layer4[1].conv2.weight, imagenet.layer4[1].conv2.weight)
     fcn = SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained_backbone=str(tmp_path / "backbone.pt"))
+    fcn.load_pretrained()
     torch.testing.assert_close(fcn.model.backbone.conv1.weight, imagenet.conv1.weight)
+    missing = SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained=str(tmp_path / "nope.pt"))
     with pytest.raises(FileNotFoundError, match="nope.pt"):
-        SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained=str(tmp_path / "nope.pt"))
-    with pytest.raises(ValueError, match="do not match"):
-        SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained=str(tmp_path / "model.pt"))
+        missing.load_pretrained()
+    with pytest.raises(ValueError, match=r"pretrained .*model\.pt does not match fcn_resnet18 with num_classes=3"):
+        SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained=str(tmp_path / "model.pt")).load_pretrained()
+    torch.save(torchvision.models.resnet34(weights=None).state_dict(), tmp_path / "r34.pt")
+    wrong = SegmentationModule(arch="fcn_resnet18", num_classes=3, pretrained_backbone=str(tmp_path / "r34.pt"))
+    with pytest.raises(ValueError, match=r"pretrained_backbone .*r34\.pt does not match torchvision's resnet18"):
+        wrong.load_pretrained()

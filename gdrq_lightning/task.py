@@ -1,0 +1,76 @@
+"""What the library needs from a LightningModule to quantize, rebuild and export it.
+
+The callback, :mod:`gdrq_lightning.checkpoint`, the monitor and ``gdrq export`` talk to a
+task only through :class:`QuantTask`; they never guess attribute names. A plain
+LightningModule that does not implement the contract is quantized as a whole, with the
+library's default ``skip`` (first conv, last linear), and exported as it is.
+
+Pretrained weights load in :meth:`QuantTask.load_pretrained`, which a task calls once from
+its own ``setup``. Lightning runs the callbacks' ``setup`` (the quantization swap) before
+the module's, and restores a ``ckpt_path`` after both, so float weights go into the
+swapped network and a resumed checkpoint still wins. Construction reads no file, which is
+what lets :func:`~gdrq_lightning.checkpoint.load_quantized_module` rebuild a module from
+its hyper-parameters alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from torch import nn
+
+from .quant import QuantConfig
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+
+@runtime_checkable
+class QuantTask(Protocol):
+    """The contract a LightningModule meets to be quantized by gdrq.
+
+    Example:
+        >>> class MyTask(pl.LightningModule):
+        ...     def quant_network(self) -> nn.Module: return self.net
+        ...     def quant_skip_default(self) -> list[str] | None: return ["stem", "head"]
+        ...     def load_pretrained(self) -> None: ...          # called from setup()
+        ...     def export_network(self) -> nn.Module: return self.net
+    """
+
+    def quant_network(self) -> nn.Module:
+        """The network whose layers are swapped (module names in configs are relative to it)."""
+        ...
+
+    def quant_skip_default(self) -> list[str] | None:
+        """Patterns kept full precision when ``QuantConfig.skip`` is None; None: the library's default."""
+        ...
+
+    def load_pretrained(self) -> None:
+        """Load the task's starting weights, once; called from the module's ``setup``, never ``__init__``."""
+        ...
+
+    def export_network(self) -> nn.Module:
+        """A module mapping one image batch to one tensor (e.g. logits or the main segmentation map).
+
+        Raises:
+            TypeError: the task's outputs cannot be exported as one tensor (say why).
+        """
+        ...
+
+
+def quant_network(pl_module: pl.LightningModule) -> nn.Module:
+    """The network the contract names, or the whole module for a plain LightningModule."""
+    return pl_module.quant_network() if isinstance(pl_module, QuantTask) else pl_module
+
+
+def export_network(pl_module: pl.LightningModule) -> nn.Module:
+    """The contract's one-tensor export module, or the whole module for a plain LightningModule."""
+    return pl_module.export_network() if isinstance(pl_module, QuantTask) else pl_module
+
+
+def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantConfig:
+    """``config`` with the task's default ``skip`` filled in when the config leaves it unset."""
+    default = pl_module.quant_skip_default() if isinstance(pl_module, QuantTask) else None
+    if config.skip is None and default is not None:
+        return dataclasses.replace(config, skip=list(default))
+    return config
