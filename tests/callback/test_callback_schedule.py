@@ -17,7 +17,7 @@ from gdrq_lightning.quant import named_quantizers
 from gdrq_lightning.quant import WeightQuantizer
 from gdrq_lightning.schedule import PHASES
 
-GDRQ_W4A4 = QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4)
+GDRQ_W4A4 = QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4, k_a=4.0)  # a clip that binds on FIXED_X
 FIXED_X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
 
 

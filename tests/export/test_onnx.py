@@ -195,8 +195,12 @@ class _SegNet(nn.Module):
 
 
 def test_export_model_takes_the_main_map_of_a_segmentation_model(models, tmp_path):
+    from tasks.segmentation.models import MainOutput  # what SegmentationModule.export_network() returns
+
     model = _SegNet(models.tiny(method="gdrq", weight_bits=4, act_bits=4, groups=4))
-    report = export_model(model, torch.zeros(1, 3, 16, 16), tmp_path / "seg")
+    with pytest.raises(TypeError, match="dict with keys"):
+        export_model(model, torch.zeros(1, 3, 16, 16), tmp_path / "refused")
+    report = export_model(MainOutput(model), torch.zeros(1, 3, 16, 16), tmp_path / "seg")
     assert report["outputs"]["onnxruntime_vs_onnx_form"] <= 1e-5 * report["outputs"]["output_abs_max"]
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -184,8 +184,6 @@ def test_quantized_backbone_has_one_activation_per_call_site(tiny_module) -> Non
     """Each quantized ReLU keeps its own statistics: every activation module runs once per forward."""
     _quantize(tiny_module)
     body = tiny_module.model.backbone.body
-    if not hasattr(body.layer1[0], "relu_out"):
-        pytest.skip("quantize_model does not split reused ReLUs yet (issue #15 quantization-core rewrite)")
     calls: dict[str, int] = {}
     for name, mod in G.quantized_layers(body):
         if getattr(mod, "act_quantizer", None) is not None:
