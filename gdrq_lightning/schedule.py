@@ -1,15 +1,17 @@
 """The quantization schedule: when each phase begins (SPEC §6).
 
 Phases, in order: ``fp`` (implicit, before any other) -> ``scale_clip`` ->
-``quant_weights`` -> ``quant_acts`` -> ``groups`` -> ``freeze_bn``. Each phase only
-turns things on. A start is an epoch or a global step; ``None`` skips the phase.
+``quant_weights`` -> ``quant_acts`` -> ``groups`` -> ``freeze_bn`` -> ``freeze_act_stats``.
+Each phase only turns things on. A start is an epoch or a global step; ``None`` skips the phase.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
 
-PHASES: tuple[str, ...] = ("scale_clip", "quant_weights", "quant_acts", "groups", "freeze_bn")
+PHASES: tuple[str, ...] = ("scale_clip", "quant_weights", "quant_acts", "groups", "freeze_bn")  # SPEC §6
+OPTIONAL_PHASES: tuple[str, ...] = ("freeze_act_stats",)  # ours, after SPEC's; skipped unless scheduled
+ALL_PHASES = PHASES + OPTIONAL_PHASES
 Unit = Literal["epoch", "step"]
 PhaseStart = Union[int, str, None]
 
@@ -57,10 +59,13 @@ class Schedule:
         quant_weights: start of weight quantization.
         quant_acts: start of activation quantization.
         groups: switch from one group per layer to the configured ``G``.
-        freeze_bn: BatchNorm statistics frozen (BN layers in eval mode) from here on.
+        freeze_bn: BatchNorm statistics frozen (BN layers in eval mode) from here on; the
+            callback first re-estimates them on the quantized network.
+        freeze_act_stats: activation statistics (the Scale-Clip / group EMAs) stop moving
+            from here on (activation quantizers in eval mode), for the last epochs.
         unit: ``epoch`` or ``step`` (global optimizer step) for plain integers.
 
-    The default turns everything but ``freeze_bn`` on from the first step.
+    The default turns everything but ``freeze_bn`` and ``freeze_act_stats`` on from the first step.
     """
 
     scale_clip: PhaseStart = 0
@@ -68,6 +73,7 @@ class Schedule:
     quant_acts: PhaseStart = 0
     groups: PhaseStart = 0
     freeze_bn: PhaseStart = None
+    freeze_act_stats: PhaseStart = None
     unit: Unit = "epoch"
 
     def __post_init__(self) -> None:
@@ -83,12 +89,12 @@ class Schedule:
             if latest is not None and start.at < latest[1].at:
                 raise ValueError(
                     f"Schedule phases out of order: {phase} ({start.unit} {start.at}) starts before "
-                    f"{latest[0]} ({latest[1].unit} {latest[1].at}); the order is fp -> {' -> '.join(PHASES)}"
+                    f"{latest[0]} ({latest[1].unit} {latest[1].at}); the order is fp -> {' -> '.join(ALL_PHASES)}"
                 )
             earlier[start.unit] = (phase, start)
 
     def starts(self) -> dict[str, Start | None]:
-        return {p: parse_start(p, getattr(self, p), self.unit) for p in PHASES}
+        return {p: parse_start(p, getattr(self, p), self.unit) for p in ALL_PHASES}
 
     def due(self, epoch: int, step: int) -> list[str]:
         """Phases whose start has been reached at ``epoch`` / global ``step``, in order."""
@@ -96,5 +102,8 @@ class Schedule:
         return [p for p, s in self.starts().items() if s is not None and now[s.unit] >= s.at]
 
     def describe(self) -> str:
-        parts = [f"{p}@{s.unit} {s.at}" if s else f"{p}: skipped" for p, s in self.starts().items()]
+        parts = [
+            f"{p}@{s.unit} {s.at}" if s else f"{p}: skipped"
+            for p, s in self.starts().items() if s or p not in OPTIONAL_PHASES
+        ]
         return ", ".join(parts)

@@ -15,7 +15,7 @@ its hyper-parameters alone.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import nn
 
@@ -35,6 +35,7 @@ class QuantTask(Protocol):
         ...     def quant_skip_default(self) -> list[str] | None: return ["stem", "head"]
         ...     def load_pretrained(self) -> None: ...          # called from setup()
         ...     def export_network(self) -> nn.Module: return self.net
+        ...     def quant_forward(self, batch) -> None: self.net(batch[0])
     """
 
     def quant_network(self) -> nn.Module:
@@ -57,10 +58,25 @@ class QuantTask(Protocol):
         """
         ...
 
+    def quant_forward(self, batch: Any) -> None:
+        """Run :meth:`quant_network` on a training batch (already on the device), in whatever
+        mode the network is in, without a loss: the callback's calibration and BatchNorm
+        re-estimation passes."""
+        ...
+
 
 def quant_network(pl_module: pl.LightningModule) -> nn.Module:
     """The network the contract names, or the whole module for a plain LightningModule."""
     return pl_module.quant_network() if isinstance(pl_module, QuantTask) else pl_module
+
+
+def quant_forward(pl_module: pl.LightningModule, batch: Any) -> None:
+    """The contract's :meth:`QuantTask.quant_forward`, or, for a plain LightningModule, the
+    module called on the batch's first element (``(inputs, targets)`` batches)."""
+    if isinstance(pl_module, QuantTask):
+        pl_module.quant_forward(batch)
+    else:
+        pl_module(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
 
 def export_network(pl_module: pl.LightningModule) -> nn.Module:

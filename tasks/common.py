@@ -115,6 +115,10 @@ class TaskModule(pl.LightningModule):
     def export_network(self) -> nn.Module:
         return self.model
 
+    def quant_forward(self, batch: Any) -> None:
+        """``(inputs, targets)`` batches: the network on the inputs."""
+        self.model(batch[0])
+
     def load_pretrained(self) -> None:
         """Load the starting weights once; a later stage (fit, then test) must not undo training."""
         if not self._pretrained_loaded:

@@ -124,6 +124,15 @@ class DetectionModule(TaskModule):
             "(export_model needs a model that maps an image batch to one tensor)"
         )
 
+    def quant_forward(self, batch: Batch) -> None:
+        """The detector on a training batch: with its targets in train mode (RPN and RoI sampling
+        need them, as in a training step), on the images alone in eval mode."""
+        images, targets = batch
+        if self.model.training:
+            self.model(list(images), list(targets))
+        else:
+            self.model(list(images))
+
     def load_starting_weights(self) -> None:
         """Load ``pretrained_backbone`` into the backbone body, then ``pretrained`` into the detector.
 

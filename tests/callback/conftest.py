@@ -52,6 +52,9 @@ class TinyModule(pl.LightningModule):
     def export_network(self) -> nn.Module:
         return self.model
 
+    def quant_forward(self, batch: tuple[Tensor, Tensor]) -> None:
+        self.model(batch[0])
+
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
 
