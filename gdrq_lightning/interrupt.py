@@ -4,6 +4,10 @@ Lightning turns SIGINT into ``KeyboardInterrupt`` and SIGTERM into ``SIGTERMExce
 and calls ``on_exception``; this callback then writes ``interrupted.ckpt`` next to the
 run's other checkpoints. Other errors (a NaN guard, a data error) do not overwrite
 anything, so the last good checkpoint stays the one to resume from.
+
+Under DDP rank 0 alone writes the file (the replicas hold the same weights), without
+``Trainer.save_checkpoint``'s barrier: a signal that reaches one node only must not leave
+that node waiting for ranks that never enter the barrier.
 """
 from __future__ import annotations
 
@@ -44,8 +48,10 @@ class InterruptCheckpoint(Checkpoint):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or trainer.state.fn != "fit":
             return
+        if not trainer.is_global_zero:
+            return
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
         rank_zero_info(
             f"[gdrq] interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}; "
             f"resume with `gdrq fit --config ... --ckpt_path {path}`"

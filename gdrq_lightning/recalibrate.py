@@ -3,8 +3,9 @@ gradients: calibrating ``auto`` activation clips (SPEC §2) and re-estimating Ba
 statistics of the quantized network before they are frozen.
 
 Batches come from a fresh iterator over the trainer's training data (a loader with
-persistent workers would otherwise be reset under the running epoch), moved to the device
-by the strategy (so ``on_after_batch_transfer`` applies), and run through the task's
+persistent workers would otherwise be reset under the running epoch), prepared as
+Lightning's training loop prepares them (precision, batch-transfer hooks, device), and
+run through the task's
 :meth:`~gdrq_lightning.task.QuantTask.quant_forward`. Under DDP every rank runs the same
 number of batches of its own shard, and the results are reduced across ranks.
 """
@@ -39,12 +40,17 @@ def _fresh_loader(loader: Any) -> Any:
 
 
 def training_batches(trainer: pl.Trainer, n: int) -> Iterator[Any]:
-    """Up to ``n`` training batches on the module's device."""
+    """Up to ``n`` training batches as a training step receives them: on the module's device,
+    in the precision's input dtype, inside its forward context (autocast for ``*-mixed``)."""
     loader = trainer.train_dataloader
     if loader is None or n <= 0:
         return
-    for batch in islice(_fresh_loader(loader), n):
-        yield trainer.strategy.batch_to_device(batch)
+    precision, module = trainer.precision_plugin, trainer.lightning_module
+    for batch in islice(_fresh_loader(loader), n):  # what Lightning's training loop does to a batch
+        batch = module._on_before_batch_transfer(precision.convert_input(batch), dataloader_idx=0)
+        batch = trainer.strategy.batch_to_device(batch, dataloader_idx=0)
+        with precision.forward_context():
+            yield batch
 
 
 @contextmanager

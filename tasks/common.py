@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from gdrq_lightning.callback import check_quantizers_finite
+from gdrq_lightning.quant.distributed import reduce_, world_size
 
 OptimizerName = Literal["sgd", "adamw"]
 SchedulerName = Literal["cosine", "poly", "none"]
@@ -79,17 +80,26 @@ def check_finite(losses: dict[str, Tensor], step: int, model: nn.Module | None =
     """Stop on a non-finite loss, naming the term, instead of training on NaNs.
 
     With ``model`` given, a non-finite quantizer statistic or scale is named first,
-    since that is usually where the NaN came from.
+    since that is usually where the NaN came from. Under DDP the verdict is reduced over
+    the ranks (one 1-element all-reduce per step), so every rank stops at the same step: a
+    rank stopping alone would leave the others waiting in the gradient all-reduce (with
+    NCCL, until its timeout). On one device this costs what it always did, one host sync.
 
     Raises:
-        FloatingPointError: some loss term (or quantizer value) is NaN or infinite.
+        FloatingPointError: some loss term (or quantizer value) on this or another rank is
+            NaN or infinite.
     """
-    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-    if bad:
-        if model is not None:
-            check_quantizers_finite(model, step)
-        values = ", ".join(f"{k}={float(losses[k]):.4g}" for k in bad)
-        raise FloatingPointError(f"non-finite loss at global step {step}: {values}")
+    nonfinite = torch.stack([~torch.isfinite(v.detach()).all() for v in losses.values()])
+    verdict = reduce_(nonfinite.any().float().reshape(1), "max") if world_size() > 1 else nonfinite.any()
+    if not bool(verdict):
+        return
+    bad = [k for k, flag in zip(losses, nonfinite.tolist()) if flag]
+    if not bad:
+        raise FloatingPointError(f"non-finite loss on another rank at global step {step}; every rank stops (that rank names it)")
+    if model is not None:
+        check_quantizers_finite(model, step)
+    values = ", ".join(f"{k}={float(losses[k]):.4g}" for k in bad)
+    raise FloatingPointError(f"non-finite loss at global step {step}: {values}")
 
 
 class TaskModule(pl.LightningModule):
