@@ -106,3 +106,31 @@ def test_check_quantizers_finite_passes_on_healthy_model():
     model.layer1[0].relu.act_quantizer.alpha.data.fill_(float("inf"))
     with pytest.raises(FloatingPointError, match="layer1.0.relu.act_quantizer.alpha"):
         check_quantizers_finite(model, 5)
+
+
+def test_interrupt_under_ddp_saves_on_rank_zero_without_a_barrier(tmp_path, monkeypatch):
+    """A signal that reaches one node must not leave it waiting in a barrier: rank 0 writes the
+    file alone, other ranks write nothing, and no collective is entered."""
+    from types import SimpleNamespace
+
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    written: list[str] = []
+
+    def trainer(rank_zero: bool) -> SimpleNamespace:
+        def barrier(*_a, **_k):
+            raise AssertionError("InterruptCheckpoint entered a barrier")
+
+        io = SimpleNamespace(save_checkpoint=lambda ckpt, path: written.append(path))
+        return SimpleNamespace(
+            is_global_zero=rank_zero, state=SimpleNamespace(fn="fit"), checkpoint_callback=None, current_epoch=1,
+            global_step=8, strategy=SimpleNamespace(checkpoint_io=io, barrier=barrier),
+            save_checkpoint=lambda *a, **k: barrier(),
+            _checkpoint_connector=SimpleNamespace(dump_checkpoint=lambda: {"epoch": 1}),
+        )
+
+    cb = InterruptCheckpoint(dirpath=str(tmp_path))
+    cb.on_exception(trainer(False), None, SIGTERMException())
+    assert written == []
+    cb.on_exception(trainer(True), None, KeyboardInterrupt())
+    assert written == [str(tmp_path / "interrupted.ckpt")]
