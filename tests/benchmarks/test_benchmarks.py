@@ -6,6 +6,7 @@ scripts are imported (not run in subprocesses) so torch and Lightning load once.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -198,3 +199,20 @@ def test_accuracy_digits_leaves_lightning_logging_as_it_was(tmp_path: Path) -> N
     before = logger.level
     load("accuracy_digits").main(["--quick", "--methods", "GDRQ W4A4", "--out", str(tmp_path / "acc.jsonl")])
     assert logger.level == before  # later tests read Lightning's INFO messages
+
+
+def test_accuracy_tasks_rows_skip_finished_runs_and_table(tmp_path, monkeypatch) -> None:
+    at = load("accuracy_tasks")
+    labels = [r.label for r in at.rows("voc")]
+    assert labels[0] == "FP32" and "GDRQ auto W4A4" in labels and "LSQ W2A4" in labels
+    assert [r.label for r in at.rows("coco")] == ["FP32", "GDRQ defaults W4A4", "GDRQ auto W4A4", "PACT W4A4", "LSQ W4A4"]
+    auto = next(r for r in at.rows("voc") if r.label == "GDRQ auto W2A4")
+    assert auto.config == {"method": "gdrq", "k_w": "auto", "k_a": "auto", "weight_bits": 2, "act_bits": 4}
+    calls: list[tuple[str, int]] = []
+    monkeypatch.setattr(at, "run", lambda task, row, seed, args: calls.append((row.label, seed)) or 0.5 + 0.01 * seed)
+    out = tmp_path / "acc.jsonl"
+    out.write_text(json.dumps({"task": "coco", "row": "FP32", "seed": 0, "metric": 0.6, "seconds": 1}) + "\n")
+    at.main(["--task", "coco", "--seeds", "0", "1", "--rows", "FP32", "PACT W4A4", "--out", str(out)])
+    assert calls == [("PACT W4A4", 0), ("FP32", 1), ("PACT W4A4", 1)]  # FP32 seed 0 was already there
+    text = at.table("coco", at.done_runs(str(out)), [0, 1])
+    assert "| PACT W4A4 | 50.50 ± 0.71 | 50.00, 51.00 | -5.00 |" in text
