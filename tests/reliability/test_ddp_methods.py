@@ -105,11 +105,9 @@ def test_a_nan_on_rank_1_stops_both_ranks_with_the_one_line_error(tmp_path) -> N
     assert any("non-finite loss on another rank at global step 2" in e for e in errors)
 
 
-@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-true"])
-@pytest.mark.parametrize("method", METHODS)
+# bf16-true: gdrq and lsq cover the statistics and learned-step paths here (every method: tests/quant)
+@pytest.mark.parametrize("method, precision", [(m, "bf16-mixed") for m in METHODS] + [("gdrq", "bf16-true"), ("lsq", "bf16-true")])
 def test_every_method_trains_in_bf16(method: str, precision: str, tmp_path) -> None:
-    if precision == "bf16-true" and method not in ("gdrq", "lsq"):
-        pytest.skip("bf16-true: gdrq and lsq cover the statistics and learned-step paths (the rest: tests/quant)")
     pl.seed_everything(0)
     bits = 1 if method == "hwgq" else 4
     cb = GDRQCallback(QuantConfig(method=method, weight_bits=bits, act_bits=2 if method == "hwgq" else 4),
