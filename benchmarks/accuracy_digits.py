@@ -109,16 +109,21 @@ K_A = Knob("k_a", (4.0, 6.0, 8.0), 4.0)
 PACT_ALPHA = Knob("pact_alpha_init", (3.0, 6.0, 10.0), 6.0)
 LR_SCALE = Knob("lr_scale", (0.5, 1.0, 2.0), 1.0)
 
+FIXED = {"k_a": 4.0}  # SPEC's former default, kept explicit so records before "auto" stay comparable
+AUTO = {"k_w": "auto", "k_a": "auto"}  # calibrated factors (SPEC §2, revised)
+
 ROWS = [
     Row("FP32", "ours", {"method": "none"}),
-    Row(f"GDRQ W4A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}, 1, K_A),
-    Row(f"GDRQ W2A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}, 1, K_A),
+    Row(f"GDRQ W4A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS, **FIXED}, 1, K_A),
+    Row(f"GDRQ W2A4 (G={GROUPS})", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS, **FIXED}, 1, K_A),
+    Row(f"GDRQ W4A4 (G={GROUPS}), auto", "ours", {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS, **AUTO}, 1),
+    Row(f"GDRQ W2A4 (G={GROUPS}), auto", "ours", {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS, **AUTO}, 1),
     Row(f"GDRQ W4A4 (G={GROUPS}), all at once", "ours",
-           {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
+           {"method": "gdrq", "weight_bits": 4, "act_bits": 4, "groups": GROUPS, **FIXED}),
     Row(f"GDRQ W2A4 (G={GROUPS}), all at once", "ours",
-           {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS}),
-    Row("Scale-Clip only W4A4", "ours", {"method": "scale_clip", "weight_bits": 4, "act_bits": 4}, 1),
-    Row(f"Group only W4A4 (G={GROUPS})", "ours", {"method": "group", "weight_bits": 4, "act_bits": 4, "groups": GROUPS}),
+           {"method": "gdrq", "weight_bits": 2, "act_bits": 4, "groups": GROUPS, **FIXED}),
+    Row("Scale-Clip only W4A4", "ours", {"method": "scale_clip", "weight_bits": 4, "act_bits": 4, **FIXED}, 1),
+    Row(f"Group only W4A4 (G={GROUPS})", "ours", {"method": "group", "weight_bits": 4, "act_bits": 4, "groups": GROUPS, **FIXED}),
     Row("HWGQ W1A2", "ours", {"method": "hwgq", "weight_bits": 1, "act_bits": 2}),
     Row("DoReFa W4A4", "ours", {"method": "dorefa", "weight_bits": 4, "act_bits": 4}, knob=LR_SCALE),
     Row("DoReFa W2A4", "ours", {"method": "dorefa", "weight_bits": 2, "act_bits": 4}, knob=LR_SCALE),

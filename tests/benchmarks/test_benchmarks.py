@@ -108,7 +108,7 @@ def test_accuracy_digits_selects_exact_labels_and_stages_gdrq() -> None:
     labels = [m.label for m in bench.selected(bench.parse_args(["--methods", "GDRQ W2A4 (G=4)"]))]
     assert labels == ["GDRQ W2A4 (G=4)"]  # an exact label does not also pick "..., all at once"
     labels = [m.label for m in bench.selected(bench.parse_args(["--methods", "GDRQ W2A4", "--skip", "once"]))]
-    assert labels == ["GDRQ W2A4 (G=4)"]
+    assert labels == ["GDRQ W2A4 (G=4)", "GDRQ W2A4 (G=4), auto"]
     args = bench.parse_args(["--epochs", "8", "--warmup-epochs", "1"])
     rows = {m.label: m for m in bench.ROWS}
     staged = bench.schedule_for(rows["GDRQ W4A4 (G=4)"], args)
@@ -137,7 +137,7 @@ def test_accuracy_digits_tune_knobs_and_choice() -> None:
     assert "FP32" in rows and "HWGQ W1A2" not in rows  # the compared rows and the reference
     assert all(len(m.knob.values) == 3 and m.knob.default in m.knob.values for m in rows.values() if m.knob)
     gdrq, _ = bench.with_setting(rows["GDRQ W2A4 (G=4)"], args, 6.0)
-    assert gdrq.config["k_a"] == 6.0 and "k_a" not in rows["GDRQ W2A4 (G=4)"].config
+    assert gdrq.config["k_a"] == 6.0 and rows["GDRQ W2A4 (G=4)"].config["k_a"] == 4.0  # the row itself is untouched
     _, lsq_args = bench.with_setting(rows["LSQ W2A4"], args, 2.0)
     assert lsq_args.lr == pytest.approx(0.02) and args.lr == 0.01
     assert bench.choose({1.5: 96.0, 2.0: 97.0, 3.0: 97.5}, 2.0) == 3.0
