@@ -30,21 +30,27 @@ from .cocoeval import default_workers, evaluate
 METRICS = {"mAP": 0, "AP50": 1, "AP75": 2, "AP_small": 3, "AP_medium": 4, "AP_large": 5}
 
 
-def detections_to_rows(output: dict[str, Tensor], lut: np.ndarray) -> np.ndarray:
+def detections_to_rows(output: dict[str, Tensor], lut: np.ndarray, *, drop_unmapped: bool = False) -> np.ndarray:
     """One image's detector output -> ``float64 [n, 6]`` rows ``x, y, w, h, score, category_id``.
 
     Args:
         output: ``boxes`` (xyxy), ``scores``, ``labels``.
         lut: label -> category id (``-1`` for labels without one).
+        drop_unmapped: leave out labels without a category id (with category ids as labels, the
+            unused ids in COCO's 1..90) instead of raising.
 
     Raises:
-        ValueError: a label with no category id (names it).
+        ValueError: a label with no category id (names it), unless ``drop_unmapped``.
     """
     boxes = output["boxes"].detach().float().cpu().numpy()
+    scores = output["scores"].detach().float().cpu().numpy()
     labels = output["labels"].detach().cpu().numpy().astype(np.int64)
     in_range = (labels >= 0) & (labels < len(lut))
     categories = np.where(in_range, lut[np.where(in_range, labels, 0)], -1)
-    if (categories < 0).any():
+    if drop_unmapped:
+        keep = categories >= 0
+        boxes, scores, categories = boxes[keep], scores[keep], categories[keep]
+    elif (categories < 0).any():
         raise ValueError(
             f"detector predicted label {labels[categories < 0][0]} with no category id; known labels: "
             f"{np.flatnonzero(lut >= 0).tolist()} (is num_classes larger than the dataset's?)"
@@ -52,7 +58,7 @@ def detections_to_rows(output: dict[str, Tensor], lut: np.ndarray) -> np.ndarray
     rows = np.empty((len(boxes), 6), dtype=np.float64)
     rows[:, 0:2] = boxes[:, 0:2]
     rows[:, 2:4] = boxes[:, 2:4] - boxes[:, 0:2]  # float32 differences, as COCO results always had
-    rows[:, 4] = output["scores"].detach().float().cpu().numpy()
+    rows[:, 4] = scores
     rows[:, 5] = categories
     return rows
 
@@ -66,6 +72,7 @@ class COCOEvaluator:
         label_to_cat_id: model label -> COCO category id.
         workers: processes COCOeval's per-image matching is split over (default: the CPUs
             this process may use, at most 8).
+        drop_unmapped: ignore predicted labels without a category id (see :func:`detections_to_rows`).
 
     Example:
         >>> ev = COCOEvaluator(dm.load_val_coco, dm.label_to_cat_id)  # doctest: +SKIP
@@ -73,7 +80,7 @@ class COCOEvaluator:
     """
 
     def __init__(self, ground_truth: COCO | Callable[[], COCO], label_to_cat_id: dict[int, int], *,
-                 workers: int | None = None) -> None:
+                 workers: int | None = None, drop_unmapped: bool = False) -> None:
         self.label_to_cat_id = {int(k): int(v) for k, v in label_to_cat_id.items()}
         self.lut = np.full(max(self.label_to_cat_id, default=0) + 1, -1, dtype=np.int64)
         for label, cat in self.label_to_cat_id.items():
@@ -83,6 +90,7 @@ class COCOEvaluator:
         if isinstance(ground_truth, COCO):
             self._set_gt(ground_truth)
         self.workers = workers or default_workers()
+        self.drop_unmapped = drop_unmapped
         self.summary = ""
         self.reset()
 
@@ -105,7 +113,7 @@ class COCOEvaluator:
     def update(self, outputs: Iterable[dict[str, Tensor]], targets: Iterable[dict[str, Tensor]]) -> None:
         """Add one batch: ``outputs`` from the detector in eval mode, ``targets`` with ``image_id``."""
         for out, tgt in zip(outputs, targets, strict=True):
-            self._dets[int(tgt["image_id"])] = detections_to_rows(out, self.lut)
+            self._dets[int(tgt["image_id"])] = detections_to_rows(out, self.lut, drop_unmapped=self.drop_unmapped)
 
     def _gathered(self) -> dict[int, np.ndarray]:
         """All ranks' detections on rank 0 (its own copy of a repeated image wins); ``{}`` elsewhere."""

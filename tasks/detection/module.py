@@ -194,7 +194,8 @@ class DetectionModule(TaskModule):
     def _make_evaluator(self) -> COCOEvaluator | None:
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "load_val_coco") and _ready(dm):
-            return COCOEvaluator(dm.load_val_coco, dm.label_to_cat_id)
+            by_id = bool(getattr(getattr(dm, "hparams", None), "category_ids_as_labels", False))
+            return COCOEvaluator(dm.load_val_coco, dm.label_to_cat_id, drop_unmapped=by_id)
         loaders = self.trainer.val_dataloaders if not self.trainer.testing else self.trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
         dataset = getattr(loader, "dataset", None)

@@ -106,7 +106,7 @@ class COCOResultsWriter(BasePredictionWriter):
         out_dir = Path(run_dir(trainer)) / "predictions" / "boxes"
         for image, target, output in zip(images, targets, prediction):
             image_id = int(target["image_id"])
-            self.rows[image_id] = detections_to_rows(output, lut)
+            self.rows[image_id] = detections_to_rows(output, lut, drop_unmapped=True)
             if self.draw:
                 save_png(draw(image, output, self.names, score_thresh=self.score_thresh), out_dir / f"{image_id}.png")
 
