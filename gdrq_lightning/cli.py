@@ -144,7 +144,7 @@ def top_level_help() -> str:
     return "\n".join([
         "usage: gdrq {fit,validate,test,predict,export,data} ...",
         "",
-        "Quantization-aware training of vision networks (GDRQ, HWGQ, DoReFa, PACT, LSQ) with PyTorch Lightning.",
+        "Low-bit quantization-aware training of vision networks with PyTorch Lightning.",
         "",
         "commands:", *lines,
         "",

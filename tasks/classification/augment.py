@@ -95,23 +95,24 @@ def _to_float(mean: Sequence[float], std: Sequence[float]) -> list:
 
 
 def eval_transform(image_size: int, aug: Augmentation, mean: Sequence[float], std: Sequence[float]) -> T.Compose:
-    """Resize the short side to ``resize_ratio * image_size``, centre crop, normalised float."""
+    """Resize the short side to ``resize_ratio * image_size``, centre crop (on the PIL image), normalised float."""
     resize = int(round(image_size * aug.resize_ratio))
-    return T.Compose([T.ToImage(), T.Resize(resize, antialias=True), T.CenterCrop(image_size), *_to_float(mean, std)])
+    return T.Compose([T.Resize(resize, antialias=True), T.CenterCrop(image_size), T.PILToTensor(),
+                      *_to_float(mean, std)])
 
 
 def train_transform(image_size: int, aug: Augmentation) -> T.Compose:
-    """The training recipe, ending in a ``uint8`` image tensor."""
+    """The training recipe on the PIL image (PIL's resampling, as torchvision's references), ``uint8`` out."""
     if aug.crop == "resized":
-        steps: list = [T.ToImage(), T.RandomResizedCrop(image_size, scale=aug.crop_scale, antialias=True)]
+        steps: list = [T.RandomResizedCrop(image_size, scale=aug.crop_scale, antialias=True)]
     else:
         resize = image_size if aug.crop == "pad" else int(round(image_size * aug.resize_ratio))
-        steps = [T.ToImage(), T.Resize(resize, antialias=True), T.CenterCrop(image_size)]
+        steps = [T.Resize(resize, antialias=True), T.CenterCrop(image_size)]
         if aug.crop == "pad" and aug.pad > 0:
             steps.append(T.RandomCrop(image_size, padding=aug.pad, fill=0))
     if aug.hflip:
         steps.append(T.RandomHorizontalFlip())
-    return T.Compose(steps)
+    return T.Compose([*steps, T.PILToTensor()])
 
 
 def timm_transforms(image_size: int, options: dict[str, Any], mean: Sequence[float],

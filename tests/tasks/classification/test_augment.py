@@ -65,6 +65,17 @@ def test_device_normalisation_equals_the_old_worker_pipeline() -> None:
     assert normalize(f, IMAGENET_MEAN, IMAGENET_STD) is f  # float batches pass as they are
 
 
+def test_evaluation_transform_equals_the_old_fixed_one() -> None:
+    """The ``imagenet`` preset's evaluation transform is what ImageFolderDataModule always ran."""
+    from tasks.classification.augment import eval_transform
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    old = T.Compose([T.Resize(256, antialias=True), T.CenterCrop(224), T.ToImage(), T.ToDtype(torch.float32, scale=True),
+                     T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    torch.testing.assert_close(eval_transform(224, resolve(224), IMAGENET_MEAN, IMAGENET_STD)(image), old(image),
+                               atol=0, rtol=0)
+
+
 def test_timm_create_transform_options() -> None:
     train, evaluation = timm_transforms(32, {"scale": (0.5, 1.0), "hflip": 0.0}, IMAGENET_MEAN, IMAGENET_STD)
     assert train(_glyph()).dtype == torch.uint8
