@@ -4,9 +4,10 @@ Data: a generated COCO-2017-shaped set (``--images`` JPEGs of 640x480 with smoot
 backgrounds and filled shapes, boxes with COCO's 80 category ids and their gaps in
 ``annotations/instances_train2017.json``; a VOC view of the same JPEGs with 21-class
 masks; an ImageFolder view in 10 classes). Every loader runs with the same ``--workers``
-and batch size; a batch counts once it is model-ready on the host: our loaders' batches
-include the DataModule's ``on_after_batch_transfer`` (normalisation, which a GPU run does
-on the device), so this machine's main process pays for it here.
+and batch size. Two rows for ours: ``loader`` counts a batch when the DataLoader hands it
+over (``uint8``: what a GPU run copies to the device), ``+ host normalisation`` also runs the
+DataModule's ``on_after_batch_transfer`` (detection: ``DetectionModule``'s ``uint8 -> 0..1``)
+in this (CPU-only) main process, which a GPU run does on the device. The references hand over model-ready float batches.
 
 References (torchvision ``references/``, v2 transforms):
   * classification: ImageFolder, RandomResizedCrop(224) + flip + PILToTensor + ToDtype + Normalize;
@@ -130,14 +131,17 @@ def make_dataset(root: Path, n: int, seed: int = 0) -> Path:
 Pipeline = Callable[[], Iterator]
 
 
-def _ours(dm) -> Pipeline:
+def _ours(dm, prepare: Callable | None = None) -> dict[str, Pipeline]:
+    """Our loader as it hands over batches, and with what runs on the device after the copy
+    (``prepare``; default: the DataModule's ``on_after_batch_transfer``)."""
     dm.setup("fit")
+    prepare = prepare or (lambda batch: dm.on_after_batch_transfer(batch, 0))
 
-    def batches() -> Iterator:
+    def normalised() -> Iterator:
         for batch in dm.train_dataloader():
-            yield dm.on_after_batch_transfer(batch, 0)
+            yield prepare(batch)
 
-    return batches
+    return {"ours (loader)": lambda: iter(dm.train_dataloader()), "ours + host normalisation": normalised}
 
 
 def classification(root: Path, workers: int, batch: int) -> dict[str, Pipeline]:
@@ -152,7 +156,7 @@ def classification(root: Path, workers: int, batch: int) -> dict[str, Pipeline]:
     reference = T.Compose([T.RandomResizedCrop(224, antialias=True), T.RandomHorizontalFlip(), T.PILToTensor(),
                            T.ToDtype(torch.float32, scale=True), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     ref_set = datasets.ImageFolder(str(root / "folder" / "train"), transform=reference)
-    return {"ours": _ours(ours), "torchvision reference": lambda: iter(DataLoader(
+    return {**_ours(ours), "torchvision reference": lambda: iter(DataLoader(
         ref_set, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0))}
 
 
@@ -166,6 +170,7 @@ def detection(root: Path, workers: int, batch: int) -> dict[str, Pipeline]:
     from torch.utils.data import DataLoader
 
     from tasks.detection import COCODataModule
+    from tasks.detection.dataset import to_unit_float
 
     ours = COCODataModule(root=str(root), batch_size=batch, num_workers=workers, annotation_cache=None)
     transforms = T.Compose([T.RandomHorizontalFlip(0.5), T.ToImage(), T.ToDtype(torch.float32, scale=True),
@@ -174,7 +179,8 @@ def detection(root: Path, workers: int, batch: int) -> dict[str, Pipeline]:
         ref_set = datasets.wrap_dataset_for_transforms_v2(
             datasets.CocoDetection(str(root / "train2017"), str(root / "annotations" / "instances_train2017.json"),
                                    transforms=transforms), target_keys={"boxes", "labels", "image_id"})
-    return {"ours": _ours(ours), "torchvision reference": lambda: iter(DataLoader(
+    scale = lambda batch: (to_unit_float(batch[0]), batch[1])  # noqa: E731  DetectionModule does this on the device
+    return {**_ours(ours, scale), "torchvision reference": lambda: iter(DataLoader(
         ref_set, batch_size=batch, shuffle=True, num_workers=workers, collate_fn=_tuple_collate,
         persistent_workers=workers > 0))}
 
@@ -218,7 +224,7 @@ def segmentation(root: Path, workers: int, batch: int) -> dict[str, Pipeline]:
     ours = VOCSegmentationDataModule(root=str(root), num_classes=21, batch_size=batch, num_workers=workers,
                                      crop_size=480, scale_range=(0.5, 2.0))
     ref_set = _ReferenceSegmentation(root)
-    return {"ours": _ours(ours), "torchvision reference": lambda: iter(DataLoader(
+    return {**_ours(ours), "torchvision reference": lambda: iter(DataLoader(
         ref_set, batch_size=batch, shuffle=True, num_workers=workers, drop_last=True, persistent_workers=workers > 0))}
 
 
@@ -227,7 +233,7 @@ TASKS = {"classification": (classification, 32), "detection": (detection, 8), "s
 
 def time_pipelines(pipelines: dict[str, Pipeline], batch: int, batches: int, warmup: int,
                    repeats: int) -> dict[str, float]:
-    """Median images/s per pipeline over ``repeats`` alternating rounds."""
+    """Median images/s per pipeline over ``repeats`` rounds (the order reverses every round)."""
     iterators = {name: make() for name, make in pipelines.items()}
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
 
@@ -285,7 +291,7 @@ def time_evaluation(n_images: int, workers: int) -> dict[str, float]:
 
     gt, rows = synthetic_detections(n_images)
     ids = sorted(gt.getImgIds())
-    per_image = {i: rows[rows[:, 0] == i, 1:] for i in ids}
+    per_image = {i: rows[rows[:, 0] == i, 1:].astype(np.float32) for i in ids}  # what COCOEvaluator keeps
     as_dicts = {i: [{"image_id": i, "category_id": int(r[5]), "bbox": [float(v) for v in r[:4]], "score": float(r[4])}
                     for r in per_image[i]] for i in ids}
     result = {"images": n_images, "detections": len(rows),
@@ -312,16 +318,16 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict = {"images": args.images, "workers": args.workers, "cpus": os.cpu_count(), "loaders": {}}
     print(f"# data throughput: {args.images} JPEGs {WIDTH}x{HEIGHT}, workers={args.workers}, "
           f"{args.repeats} rounds x {args.batches} batches, {os.cpu_count()} CPUs\n")
-    print("| task | batch | ours (images/s) | torchvision reference (images/s) | ours / reference |")
+    print("| task | batch | pipeline | images/s | / reference |")
     print("|---|---|---|---|---|")
     for task in args.tasks:
         build, batch = TASKS[task]
         if args.quick:
             batch = 2
         rates = time_pipelines(build(root, args.workers, batch), batch, args.batches, args.warmup, args.repeats)
-        ours, ref = rates["ours"], rates["torchvision reference"]
-        results["loaders"][task] = {"batch": batch, "ours": ours, "reference": ref}
-        print(f"| {task} | {batch} | {ours:.1f} | {ref:.1f} | {ours / ref:.2f}x |", flush=True)
+        results["loaders"][task] = {"batch": batch, **rates}
+        for name, rate in rates.items():
+            print(f"| {task} | {batch} | {name} | {rate:.1f} | {rate / rates['torchvision reference']:.2f}x |", flush=True)
     if args.eval_images:
         ev = time_evaluation(args.eval_images, args.eval_workers)
         results["evaluation"] = ev

@@ -6,8 +6,8 @@
 embedded digits-COCO set there, so the quickstart needs no download.
 
 Loading for scale: annotations are parsed once per node into compact arrays and cached
-(``annotation_cache``); workers return ``uint8`` images, scaled to 0..1 on the device
-(``on_after_batch_transfer``); memory is pinned on CUDA; the evaluation ground truth
+(``annotation_cache``); workers return ``uint8`` images, which ``DetectionModule`` scales to
+0..1 on the device; memory is pinned on CUDA; the evaluation ground truth
 (a ``pycocotools`` index) is built on rank 0 only, when it first scores.
 """
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import pytorch_lightning as pl
 from pycocotools.coco import COCO
-from torch import Tensor
 from torch.utils.data import DataLoader
 
 from tasks.loaders import make_loader
@@ -33,11 +32,6 @@ def default_cache_dir() -> Path:
     """``$GDRQ_CACHE/coco``, else ``~/.cache/gdrq/coco`` (as torch hub and timm keep theirs)."""
     base = os.environ.get("GDRQ_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gdrq")
     return Path(base) / "coco"
-
-
-def to_unit_float(images: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """``uint8`` images -> float32 in 0..1 (what torchvision's detectors take); float is kept."""
-    return tuple(x if x.is_floating_point() else x.float().div_(255.0) for x in images)
 
 
 class COCODataModule(pl.LightningDataModule):
@@ -207,11 +201,6 @@ class COCODataModule(pl.LightningDataModule):
         return self._val_coco
 
     val_coco = property(load_val_coco)
-
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Scale ``uint8`` images to 0..1 on the device (targets pass unchanged)."""
-        images, targets = batch
-        return to_unit_float(images), targets
 
     def _loader(self, dataset: COCODetection | None, batch_size: int, shuffle: bool) -> DataLoader:
         if dataset is None:

@@ -12,13 +12,14 @@ unreadable or inconsistent json -> :class:`COCODatasetError` naming the file; de
 out-of-image boxes -> :class:`COCOAnnotationWarning` naming the image and annotation id,
 then skipped. Image files are checked when they are read: a missing or unreadable file,
 or one whose size differs from the json's, is a :class:`COCODatasetError` naming it.
-Images leave the dataset as ``uint8`` (``COCODataModule`` scales them to 0..1 on the device).
+Images leave the dataset as ``uint8``; :func:`to_unit_float` (run by ``DetectionModule`` on the
+device) scales them to the 0..1 floats torchvision's detectors take.
 """
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +31,13 @@ from .annotations import COCOAnnotationWarning, COCODatasetError, load_arrays
 
 Target = dict[str, Tensor]
 
-__all__ = ["COCOAnnotationWarning", "COCODatasetError", "COCODetection", "RandomHorizontalFlip", "detection_collate"]
+__all__ = ["COCOAnnotationWarning", "COCODatasetError", "COCODetection", "RandomHorizontalFlip", "detection_collate",
+           "to_unit_float"]
+
+
+def to_unit_float(images: Sequence[Tensor]) -> list[Tensor]:
+    """``uint8`` images -> float32 in 0..1 (the worker's former ``float() / 255``); float images are kept."""
+    return [x if x.is_floating_point() else x.float().div_(255.0) for x in images]
 
 
 class COCODetection(Dataset):

@@ -1,7 +1,7 @@
 """COCO box evaluation with ``update / compute / reset``, gathered to rank 0.
 
-Every rank keeps its detections as one small array per image (``[n, 6]``: x, y, w, h,
-score, category id), not as Python dicts. ``compute`` sends them to rank 0 alone
+Every rank keeps its detections as one small float32 array per image (``[n, 6]``: x, y, w,
+h, score, category id; the detector's float32 values, exactly), not as Python dicts. ``compute`` sends them to rank 0 alone
 (``torch.distributed.gather_object``); rank 0 builds the ground-truth index (on first use:
 other ranks never parse the json for evaluation), scores the images with COCOeval split
 over ``workers`` processes (:mod:`.cocoeval`) and broadcasts the numbers, so every rank
@@ -31,7 +31,7 @@ METRICS = {"mAP": 0, "AP50": 1, "AP75": 2, "AP_small": 3, "AP_medium": 4, "AP_la
 
 
 def detections_to_rows(output: dict[str, Tensor], lut: np.ndarray, *, drop_unmapped: bool = False) -> np.ndarray:
-    """One image's detector output -> ``float64 [n, 6]`` rows ``x, y, w, h, score, category_id``.
+    """One image's detector output -> ``float32 [n, 6]`` rows ``x, y, w, h, score, category_id``.
 
     Args:
         output: ``boxes`` (xyxy), ``scores``, ``labels``.
@@ -55,7 +55,7 @@ def detections_to_rows(output: dict[str, Tensor], lut: np.ndarray, *, drop_unmap
             f"detector predicted label {labels[categories < 0][0]} with no category id; known labels: "
             f"{np.flatnonzero(lut >= 0).tolist()} (is num_classes larger than the dataset's?)"
         )
-    rows = np.empty((len(boxes), 6), dtype=np.float64)
+    rows = np.empty((len(boxes), 6), dtype=np.float32)  # category ids < 2**24 are exact
     rows[:, 0:2] = boxes[:, 0:2]
     rows[:, 2:4] = boxes[:, 2:4] - boxes[:, 0:2]  # float32 differences, as COCO results always had
     rows[:, 4] = scores
@@ -146,6 +146,7 @@ class COCOEvaluator:
         if not any(len(rows) for rows in dets.values()):
             self.summary = "no detections"
             return dict.fromkeys(METRICS, 0.0)
-        results = np.concatenate([np.hstack([np.full((len(dets[i]), 1), i), dets[i]]) for i in image_ids])
+        results = np.concatenate([np.hstack([np.full((len(dets[i]), 1), i, dtype=np.float64), dets[i].astype(np.float64)])
+                                  for i in image_ids])
         stats, self.summary = evaluate(self.coco_gt, results, image_ids, workers=self.workers)
         return {name: float(stats[i]) for name, i in METRICS.items()}

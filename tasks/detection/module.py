@@ -31,6 +31,7 @@ from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
 
 from .annotations import load_coco_json
+from .dataset import to_unit_float
 from .evaluator import COCOEvaluator
 from .models import backbone_weights, build_faster_rcnn, first_conv_name
 from .predictions import COCOResultsWriter, label_names, save_grid
@@ -165,8 +166,11 @@ class DetectionModule(TaskModule):
                 f"resume quantized runs with ckpt_path instead)"))
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Detections (eval mode): per image ``boxes`` xyxy, ``labels`` 1..K, ``scores``."""
-        return self.model(list(images))
+        """Detections (eval mode): per image ``boxes`` xyxy, ``labels`` 1..K, ``scores``.
+
+        Images are float in 0..1 or ``uint8`` (what the loaders send; scaled here, on the device).
+        """
+        return self.model(list(to_unit_float(images)))
 
     # ---- setup / evaluation plumbing ------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -179,9 +183,9 @@ class DetectionModule(TaskModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = getattr(dm, "num_classes", None) if dm is not None and _ready(dm) else None
         if needed is not None and self.num_classes != needed:
-            by_id = getattr(dm.hparams, "category_ids_as_labels", False) if hasattr(dm, "hparams") else False
+            by_id = _ids_as_labels(dm)
             data = (f"largest category id {needed - 1} + 1 (category ids as labels)" if by_id else
-                    f"{len(dm.class_names)} categories + background = {needed}")
+                    f"{needed - 1} categories + background = {needed}")
             hint = "" if by_id or self.num_classes <= needed else (
                 "; for torchvision's 91-label COCO convention set data.category_ids_as_labels: true")
             raise ValueError(f"DetectionModule(num_classes={self.num_classes}) does not match the data: {data}{hint}")
@@ -194,8 +198,7 @@ class DetectionModule(TaskModule):
     def _make_evaluator(self) -> COCOEvaluator | None:
         dm = self.trainer.datamodule
         if dm is not None and hasattr(dm, "load_val_coco") and _ready(dm):
-            by_id = bool(getattr(getattr(dm, "hparams", None), "category_ids_as_labels", False))
-            return COCOEvaluator(dm.load_val_coco, dm.label_to_cat_id, drop_unmapped=by_id)
+            return COCOEvaluator(dm.load_val_coco, dm.label_to_cat_id, drop_unmapped=_ids_as_labels(dm))
         loaders = self.trainer.val_dataloaders if not self.trainer.testing else self.trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
         dataset = getattr(loader, "dataset", None)
@@ -212,7 +215,7 @@ class DetectionModule(TaskModule):
     # ---- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        losses: dict[str, Tensor] = self.model(list(images), list(targets))
+        losses: dict[str, Tensor] = self.model(list(to_unit_float(images)), list(targets))
         check_finite(losses, self.global_step)
         loss = sum(losses.values())
         bs = len(images)
@@ -226,7 +229,7 @@ class DetectionModule(TaskModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
-        outputs = self.model(list(images))
+        outputs = self(images)
         if self.evaluator is not None:
             self.evaluator.update(outputs, targets)
         k = self.hparams.num_vis
@@ -259,7 +262,7 @@ class DetectionModule(TaskModule):
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Tensor]]:
         images = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-        return self.model(list(images))
+        return self(images)
 
     def _log_metrics(self, prefix: str) -> None:
         if self.evaluator is None or self.trainer.sanity_checking:
@@ -285,3 +288,8 @@ def _ready(dm: Any) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _ids_as_labels(dm: Any) -> bool:
+    """Whether the datamodule uses category ids as labels (``COCODataModule(category_ids_as_labels=True)``)."""
+    return bool(getattr(getattr(dm, "hparams", None), "category_ids_as_labels", False))

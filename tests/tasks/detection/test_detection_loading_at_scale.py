@@ -19,6 +19,7 @@ from pycocotools.cocoeval import COCOeval
 from tasks.detection import COCOAnnotationWarning, COCODataModule, COCODetection
 from tasks.detection import annotations
 from tasks.detection.cocoeval import evaluate
+from tasks.detection.dataset import to_unit_float
 from tasks.detection.evaluator import METRICS
 
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
@@ -36,15 +37,20 @@ def test_datasets_hold_arrays_not_a_coco_index(tiny_coco: Path) -> None:
     assert isinstance(dm.val_coco, COCO) and dm.load_val_coco() is dm.val_coco
 
 
-def test_images_travel_as_uint8_and_are_scaled_on_the_device(tiny_coco: Path) -> None:
+def test_images_travel_as_uint8_and_are_scaled_by_the_module(tiny_coco: Path, tiny_module) -> None:
     dm = COCODataModule(root=str(tiny_coco), batch_size=2, hflip_prob=0.0)
     dm.setup("fit")
-    images, targets = next(iter(dm.val_dataloader()))
+    images, _ = next(iter(dm.val_dataloader()))
     assert all(x.dtype == torch.uint8 for x in images)
-    scaled, same = dm.on_after_batch_transfer((images, targets), 0)
-    assert same is targets
+    scaled = to_unit_float(images)
     for x, y in zip(images, scaled):
         torch.testing.assert_close(y, x.float().div(255.0), atol=0, rtol=0)  # the worker's old conversion
+    assert to_unit_float(scaled)[0] is scaled[0]  # float input is kept
+    tiny_module.eval()
+    with torch.no_grad():
+        from_uint8, from_float = tiny_module(images), tiny_module(scaled)
+    for a, b in zip(from_uint8, from_float):
+        torch.testing.assert_close(a["boxes"], b["boxes"], atol=0, rtol=0)
 
 
 def test_parsed_annotations_are_cached_once_and_reread(write_coco, tmp_path: Path, monkeypatch) -> None:
