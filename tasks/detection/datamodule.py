@@ -117,13 +117,12 @@ class COCODataModule(pl.LightningDataModule):
         images, annotations = self.given[split]
         if images is not None and annotations is not None:
             return Path(images), Path(annotations)
-        if split == "predict" and images is None and annotations is None:
-            if self.hparams.predict_split == "val":
-                return self.paths("val")
-            split = "test"
-        if self.root is None:
+        if split == "predict" and self.hparams.predict_split == "val":
+            found = self.paths("val")
+        elif self.root is None:
             raise ValueError(f"COCODataModule: set {split}_images= and {split}_annotations=, or root=")
-        found = find_split(self.root, split)
+        else:
+            found = find_split(self.root, self.hparams.predict_split if split == "predict" else split)
         return Path(images) if images else found[0], Path(annotations) if annotations else found[1]
 
     @property

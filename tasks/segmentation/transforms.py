@@ -71,14 +71,18 @@ class RandomScaleCrop:
         top, h, out_h = self._window(image.height, ch, scale)
         left, w, out_w = self._window(image.width, cw, scale)
         box = (left, top, left + w, top + h)
-        x = np.empty((ch, cw, 3), dtype=np.uint8)
-        x[...] = self.fill
-        x[:out_h, :out_w] = np.asarray(image.resize((out_w, out_h), Image.BILINEAR, box=box))
-        y = np.full((ch, cw), IGNORE_INDEX, dtype=np.uint8)
-        y[:out_h, :out_w] = np.asarray(Image.fromarray(mask).resize((out_w, out_h), Image.NEAREST, box=box))
+        x = image.resize((out_w, out_h), Image.BILINEAR, box=box)
+        y = Image.fromarray(mask).resize((out_w, out_h), Image.NEAREST, box=box)
+        if (out_h, out_w) != (ch, cw):  # the scaled image is smaller than the crop: pad bottom / right
+            x, y = _pasted(x, Image.new("RGB", (cw, ch), self.fill)), _pasted(y, Image.new("L", (cw, ch), IGNORE_INDEX))
         if self.hflip and random.random() < 0.5:
-            x, y = x[:, ::-1], y[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(np.ascontiguousarray(y))
+            x, y = x.transpose(Image.Transpose.FLIP_LEFT_RIGHT), y.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return pil_to_tensor(x).contiguous(), pil_to_tensor(y)[0]
+
+
+def _pasted(image: Image.Image, canvas: Image.Image) -> Image.Image:
+    canvas.paste(image, (0, 0))
+    return canvas
 
 
 def pad_to(image: Tensor, mask: Tensor, height: int, width: int) -> Pair:
