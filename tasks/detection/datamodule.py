@@ -56,6 +56,9 @@ class COCODataModule(pl.LightningDataModule):
         hflip_prob: probability of a horizontal flip of each training pair.
         drop_empty_train: drop training images with no (valid, non-crowd) boxes;
             by default they are kept as pure negatives.
+        draw_predictions: ``predict`` also writes one PNG per image with the detections drawn
+            (a data option, so ``gdrq predict --ckpt_path`` can turn it on: the model's options
+            come from the checkpoint).
 
     After ``setup``: ``cat_id_to_label``, ``label_to_cat_id``, ``class_names``,
     ``num_classes`` (labels incl. background, what the detector needs) and ``val_coco``
@@ -81,6 +84,7 @@ class COCODataModule(pl.LightningDataModule):
         num_workers: int = 0,
         hflip_prob: float = 0.5,
         drop_empty_train: bool = False,
+        draw_predictions: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -102,6 +106,7 @@ class COCODataModule(pl.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.flip = RandomHorizontalFlip(hflip_prob)
+        self.draw_predictions = draw_predictions
         self.train_set: COCODetection | None = None
         self.val_set: COCODetection | None = None
         self.predict_set: COCODetection | None = None

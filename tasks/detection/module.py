@@ -74,8 +74,8 @@ class DetectionModule(TaskModule):
             ``imagenet`` (torchvision's / timm's published weights, downloaded once into the
             hub cache), loaded in ``setup`` too (before ``pretrained``).
         num_vis: validation images drawn with their detections each epoch (0 = none).
-        draw_predictions: ``predict`` also writes one PNG per image with the boxes drawn.
-        draw_score_thresh: detections drawn (validation and predict PNGs).
+        draw_score_thresh: detections drawn (validation and predict PNGs; the datamodule's
+            ``draw_predictions`` turns the predict PNGs on).
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known ones) or bad sizes.
@@ -109,7 +109,6 @@ class DetectionModule(TaskModule):
         pretrained: str | None = None,
         pretrained_backbone: str | None = None,
         num_vis: int = 4,
-        draw_predictions: bool = False,
         draw_score_thresh: float = 0.5,
     ) -> None:
         super().__init__()
@@ -193,7 +192,7 @@ class DetectionModule(TaskModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         hp = self.hparams
-        return [COCOResultsWriter(draw=hp.draw_predictions, score_thresh=hp.draw_score_thresh)]  # `predict` only
+        return [COCOResultsWriter(score_thresh=hp.draw_score_thresh)]  # `predict` only
 
     def _make_evaluator(self) -> COCOEvaluator | None:
         dm = self.trainer.datamodule

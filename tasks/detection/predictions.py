@@ -3,7 +3,8 @@
 ``gdrq predict`` writes ``<run dir>/predictions/detections.json`` in COCO's results format
 (``[{"image_id", "category_id", "bbox": [x, y, w, h], "score"}, ...]``, what
 ``COCO.loadRes`` and the evaluation server read), gathered from every rank, each image once;
-with ``draw_predictions`` also ``<run dir>/predictions/boxes/<image id>.png``. Validation
+with ``COCODataModule(draw_predictions=True)`` also ``<run dir>/predictions/boxes/<image id>.png``
+(a data option: ``gdrq predict --ckpt_path`` takes the model's options from the checkpoint). Validation
 draws the first images with their ground truth (green) and predictions into
 ``<run dir>/predictions/val_epochNNN.png`` and attaches it to W&B.
 """
@@ -86,18 +87,21 @@ class COCOResultsWriter(BasePredictionWriter):
     """Collects ``predict`` detections into a COCO results json (and optional PNGs with the boxes).
 
     Args:
-        draw: also write one PNG per image with the detections drawn.
+        draw: also write one PNG per image with the detections drawn (default: the
+            datamodule's ``draw_predictions``).
         score_thresh: detections drawn (the json keeps all the detector returns).
     """
 
-    def __init__(self, *, draw: bool = False, score_thresh: float = 0.5) -> None:
+    def __init__(self, *, draw: bool | None = None, score_thresh: float = 0.5) -> None:
         super().__init__(write_interval="batch")
-        self.draw, self.score_thresh = draw, score_thresh
+        self.draw_option, self.score_thresh = draw, score_thresh
         self.rows: dict[int, np.ndarray] = {}
 
     def on_predict_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.rows = {}
         self.to_cat, self.names = label_names(trainer)
+        dm_option = getattr(getattr(trainer, "datamodule", None), "draw_predictions", False)
+        self.draw = dm_option if self.draw_option is None else self.draw_option
 
     def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, prediction: list[dict[str, Tensor]],
                            batch_indices: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:

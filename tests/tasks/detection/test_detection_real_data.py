@@ -101,9 +101,8 @@ def test_timm_fpn_backbone_is_quantized_like_torchvision(tiny_coco: Path, tiny_k
 
 def test_predict_writes_coco_results_and_drawings(tiny_coco: Path, tiny_kwargs: dict, tmp_path) -> None:
     torch.manual_seed(0)
-    module = DetectionModule(**{**tiny_kwargs, "box_score_thresh": 0.0, "draw_predictions": True,
-                                "draw_score_thresh": 0.0})
-    dm = COCODataModule(root=str(tiny_coco), batch_size=2)
+    module = DetectionModule(**{**tiny_kwargs, "box_score_thresh": 0.0, "draw_score_thresh": 0.0})
+    dm = COCODataModule(root=str(tiny_coco), batch_size=2, draw_predictions=True)
     trainer = _trainer(tmp_path, limit_val_batches=2)
     trainer.fit(module, dm)
     val_png = tmp_path / "predictions" / "val_epoch000.png"
@@ -132,3 +131,30 @@ def test_predict_on_an_image_info_file_without_boxes(tmp_path: Path, tiny_kwargs
     _trainer(tmp_path).predict(module, dm)
     assert dm.predict_set.annotation_file.name == "image_info_test2017.json" and len(dm.predict_set) == 3
     assert (tmp_path / "predictions" / "detections.json").is_file()
+
+
+def test_gdrq_predict_from_a_checkpoint_draws_when_the_data_says_so(tiny_coco: Path, tiny_kwargs: dict,
+                                                                     tmp_path: Path) -> None:
+    """``gdrq predict --ckpt_path`` takes the model's options from the checkpoint, so drawing is a data option."""
+    import sys
+    from unittest import mock
+
+    import yaml
+
+    from gdrq_lightning.cli import main
+
+    config = tmp_path / "det.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "trainer": {"max_epochs": 1, "limit_train_batches": 1, "limit_val_batches": 1, "logger": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)},
+        "model": {"class_path": "tasks.detection.DetectionModule", "init_args": {**tiny_kwargs, "box_score_thresh": 0.0}},
+        "data": {"class_path": "tasks.detection.COCODataModule", "init_args": {"root": str(tiny_coco), "batch_size": 2}},
+        "checkpoint": {"dirpath": str(tmp_path / "ckpt")},
+    }))
+    for args in (["fit"], ["predict", "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"),
+                           "--data.init_args.draw_predictions", "true"]):
+        with mock.patch.object(sys, "argv", ["gdrq", args[0], "--config", str(config), *args[1:]]):
+            main()
+    assert json.loads((tmp_path / "predictions" / "detections.json").read_text())
+    assert len(list((tmp_path / "predictions" / "boxes").glob("*.png"))) == 4
