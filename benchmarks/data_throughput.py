@@ -15,8 +15,9 @@ References (torchvision ``references/``, v2 transforms):
   * segmentation: RandomResize(260..1040) + flip + RandomCrop(480, padded) + ToDtype + Normalize,
     masks int64.
 
-Pipelines are timed round-robin (``--repeats`` rounds, ours and the reference alternating),
-after ``--warmup`` batches that absorb worker start-up; the table shows the median images/s.
+Pipelines are timed round-robin (``--repeats`` rounds, the order reversing every round), each
+timing with a fresh loader after ``--warmup`` batches that absorb worker start-up (its workers stop
+before the next pipeline runs); the table shows the median images/s.
 
 COCO evaluation (``--eval-images``): ground truth with 1-14 boxes per image, 100
 detections per image; pycocotools' evaluate + accumulate + summarize vs
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import io
 import json
 import os
@@ -233,25 +235,23 @@ TASKS = {"classification": (classification, 32), "detection": (detection, 8), "s
 
 def time_pipelines(pipelines: dict[str, Pipeline], batch: int, batches: int, warmup: int,
                    repeats: int) -> dict[str, float]:
-    """Median images/s per pipeline over ``repeats`` rounds (the order reverses every round)."""
-    iterators = {name: make() for name, make in pipelines.items()}
+    """Median images/s per pipeline over ``repeats`` rounds (the order reverses every round).
+
+    Each timing gets a fresh loader whose workers start during ``warmup`` batches and stop
+    afterwards, so no other loader's workers refill their queues in the background.
+    """
     rates: dict[str, list[float]] = {name: [] for name in pipelines}
-
-    def take(name: str, n: int) -> None:
-        for _ in range(n):
-            try:
-                next(iterators[name])
-            except StopIteration:
-                iterators[name] = pipelines[name]()
-                next(iterators[name])
-
-    for name in pipelines:
-        take(name, warmup)
     for r in range(repeats):
         for name in (list(pipelines) if r % 2 == 0 else list(pipelines)[::-1]):
+            iterator = pipelines[name]()
+            for _ in range(warmup):
+                next(iterator)
             start = time.perf_counter()
-            take(name, batches)
+            for _ in range(batches):
+                next(iterator)
             rates[name].append(batches * batch / (time.perf_counter() - start))
+            del iterator
+            gc.collect()  # the DataLoader and its workers go now, not at some later collection
     return {name: statistics.median(v) for name, v in rates.items()}
 
 
