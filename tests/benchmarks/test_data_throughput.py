@@ -20,7 +20,8 @@ def test_quick_run_prints_every_task_and_the_evaluation(tmp_path: Path, capsys: 
     spec.loader.exec_module(bench)
     results = bench.main(["--quick", "--data", str(tmp_path / "data"), "--workers", "0", "--out", str(tmp_path / "r.json")])
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("|---")]
+    loaders = out.split("# COCO evaluation")[0]
+    rows = [line for line in loaders.splitlines() if line.startswith("| ") and not line.startswith("|---")]
     assert [r.split(" | ")[0] for r in rows[1:]] == ["| classification"] * 3 + ["| detection"] * 3 + ["| segmentation"] * 3
     assert {r.split(" | ")[2] for r in rows[1:]} == {"ours (loader)", "ours + host normalisation", "torchvision reference"}
     assert "pycocotools (evaluate + accumulate + summarize)" in out and "ours, 2 process(es)" in out
