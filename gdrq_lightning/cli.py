@@ -1,4 +1,4 @@
-"""The ``gdrq`` command.
+"""The ``gdrq`` command: ``gdrq --help`` lists its six subcommands.
 
 ``gdrq fit|validate|test|predict --config FILE`` is a LightningCLI (configs name the
 LightningModule / DataModule by ``class_path``); ``gdrq export`` turns a checkpoint
@@ -126,6 +126,43 @@ def run_data(args: list[str]) -> None:
     print(commands[ns.command].load()(ns.out_dir, seed=ns.seed))
 
 
+COMMANDS = {
+    "fit": "train a model from a config (gdrq fit --config configs/classification/digits_gdrq_w4a4.yaml)",
+    "validate": "score a checkpoint on the validation split (--config FILE --ckpt_path CKPT)",
+    "test": "score a checkpoint on the test split (--config FILE --ckpt_path CKPT)",
+    "predict": "run a checkpoint on the predict split (detection: COCO results json + drawn boxes; "
+               "segmentation: palette PNG masks)",
+    "export": "turn a quantized checkpoint into integer weights + ONNX (gdrq export --ckpt CKPT --out DIR)",
+    "data": "write a dataset an installed package provides (gdrq data NAME DIR; e.g. make-digits-coco)",
+}
+
+
+def top_level_help() -> str:
+    """``gdrq --help``: every subcommand with one line (LightningCLI's own lists only the first four)."""
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
+    return "\n".join([
+        "usage: gdrq {fit,validate,test,predict,export,data} ...",
+        "",
+        "Low-bit quantization-aware training of vision networks with PyTorch Lightning.",
+        "",
+        "commands:", *lines,
+        "",
+        "'gdrq COMMAND --help' shows a command's options. Errors end in one line (exit code 2);",
+        "set GDRQ_DEBUG=1 or pass --debug for the traceback.",
+    ])
+
+
+def one_line(message: str) -> str:
+    """A DataLoader worker's error arrives as 'Caught X in DataLoader worker process N. Original
+    Traceback ...': report the original error's last line."""
+    if message.startswith("Caught ") and "Original Traceback" in message:
+        lines = [line for line in message.splitlines() if line.strip()]
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
 def _raised_in(e: BaseException, package: str) -> bool:
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
@@ -162,6 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("GDRQ_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
     commands = {"export": run_export, "data": run_data}
+    if not args or args[0] in ("-h", "--help"):
+        print(top_level_help())
+        sys.exit(0 if args else 2)
+    if args[0] not in COMMANDS and not args[0].startswith("-"):
+        print(f"gdrq: error: unknown command {args[0]!r}; one of: {', '.join(COMMANDS)} (gdrq --help)", file=sys.stderr)
+        sys.exit(2)
     try:
         if args and args[0] in commands:
             commands[args[0]](args[1:])
@@ -171,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             raise
         cause = root_cause(e)
-        text = condense(str(cause)) if isinstance(cause, argparse.ArgumentError) else f"{type(cause).__name__}: {cause}"
+        text = condense(str(cause)) if isinstance(cause, argparse.ArgumentError) else f"{type(cause).__name__}: {one_line(str(cause))}"
         print(f"gdrq: error: {text}\n(set GDRQ_DEBUG=1 or pass --debug for the traceback)", file=sys.stderr)
         sys.exit(2)
 

@@ -1,23 +1,33 @@
-"""The one way every task reads starting weights from a local file.
+"""The one way every task reads starting weights: a local file, or published weights by name.
 
 A file is a plain ``state_dict`` of the network, or a Lightning checkpoint of a task
 module, whose network entries are the ``model.*`` keys of its ``state_dict``. Quantizer
 entries (``*_quantizer.*``) are ignored on both sides: starting weights are float
 weights, and a quantized model's quantizer state starts fresh (resume a quantized run
-with ``ckpt_path`` instead). Nothing is ever downloaded.
+with ``ckpt_path`` instead). The name ``imagenet`` instead of a path means published
+ImageNet weights, downloaded once into the torch hub / Hugging Face cache (:mod:`tasks.hub`).
 """
 from __future__ import annotations
 
 import pickle
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .hub import is_named, named_weights
+
 KeyMap = Callable[[str], str | None]
+Source = str | Path | Mapping[str, Tensor]
+
+
+def resolve(spec: str, model: str, *, what: str = "pretrained") -> Source:
+    """``spec`` as :func:`load_weights` reads it: a local path, or ``imagenet`` -> the weights of ``model``
+    (a torchvision name or ``timm/<name>``), fetched into the hub cache if needed."""
+    return named_weights(model, what=what) if is_named(spec) else spec
 
 
 def read_state_dict(path: str | Path, what: str = "pretrained") -> dict[str, Tensor]:
@@ -49,7 +59,7 @@ def read_state_dict(path: str | Path, what: str = "pretrained") -> dict[str, Ten
 
 def load_weights(
     net: nn.Module,
-    path: str | Path,
+    path: Source,
     *,
     what: str = "pretrained",
     target: str = "the model",
@@ -60,7 +70,7 @@ def load_weights(
 
     Args:
         net: the network (or sub-network, e.g. a backbone) to load into.
-        path: see :func:`read_state_dict`.
+        path: see :func:`read_state_dict`, or a state dict (e.g. from :func:`resolve`).
         what: the option that named the file, for messages.
         target: what ``net`` is, for messages (e.g. ``"fcn_resnet18 with num_classes=3"``).
         key_map: maps a file key to a key of ``net``, or None to drop it (e.g. a
@@ -72,7 +82,10 @@ def load_weights(
         FileNotFoundError: no file at ``path``.
         ValueError: unreadable file, or weights that do not fit ``net`` (names the file).
     """
-    state = read_state_dict(path, what)
+    if isinstance(path, Mapping):
+        state, path = dict(path), "(downloaded ImageNet weights)"
+    else:
+        state = read_state_dict(path, what)
     if key_map is not None:
         state = {new: v for k, v in state.items() if (new := key_map(k)) is not None}
     state = {k: v for k, v in state.items() if "_quantizer." not in k}

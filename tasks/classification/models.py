@@ -1,7 +1,7 @@
 """Classifier builders by name: torchvision (``resnet18``) or timm (``timm/resnet18``).
 
-No weights are downloaded: starting weights are a local file that
-``ClassificationModule(pretrained=PATH)`` loads in ``setup`` (:mod:`tasks.weights`).
+Builders never download: starting weights (a local file, or ``imagenet`` for the published
+ones) load in ``ClassificationModule``'s ``setup`` (:mod:`tasks.weights`).
 """
 from __future__ import annotations
 

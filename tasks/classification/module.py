@@ -7,7 +7,8 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
-from tasks.weights import load_weights
+from tasks.hub import is_named
+from tasks.weights import load_weights, resolve
 
 from .models import build_classifier
 
@@ -21,9 +22,10 @@ class ClassificationModule(TaskModule):
     Args:
         model: torchvision name (``resnet18``) or ``timm/<name>``.
         num_classes: number of classes.
-        pretrained: local weights file (a state dict or a Lightning checkpoint, never
-            downloaded), loaded in ``setup``; tensors whose shape differs (e.g. another
-            number of classes) are skipped with a warning.
+        pretrained: local weights file (a state dict or a Lightning checkpoint), or
+            ``imagenet`` for the model's published ImageNet weights (torchvision's ``DEFAULT``
+            enum, timm's default tag; downloaded once into the hub cache), loaded in ``setup``;
+            tensors whose shape differs (e.g. another number of classes) are skipped with a warning.
         small_input: CIFAR-style ResNet stem for 32x32 inputs.
         optimizer: ``sgd`` or ``adamw``.
         lr: peak learning rate.
@@ -57,9 +59,15 @@ class ClassificationModule(TaskModule):
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top_k, average="micro")
         self.test_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
 
+    def prepare_data(self) -> None:
+        """Download named weights once per node (``setup`` on every rank then reads the cache)."""
+        if is_named(self.hparams.pretrained):
+            resolve(self.hparams.pretrained, self.hparams.model)
+
     def load_starting_weights(self) -> None:
-        if self.hparams.pretrained:
-            load_weights(self.model, self.hparams.pretrained, target=self.hparams.model, skip_mismatched=True)
+        h = self.hparams
+        if h.pretrained:
+            load_weights(self.model, resolve(h.pretrained, h.model), target=h.model, skip_mismatched=True)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -1,139 +1,66 @@
-"""COCO-format detection data: checked loading, the dataset, paired transforms, collate.
+"""COCO-format detection data: the dataset, paired transforms, collate.
 
 Any dataset in COCO's ``instances_*.json`` layout works. Category ids (arbitrary,
 often non-contiguous: COCO's run 1..90 with gaps) map to contiguous labels
-``1..K`` in sorted id order; label 0 is Faster R-CNN's background. The mapping is
-kept on the dataset so the evaluator can map predictions back to category ids.
+``1..K`` in sorted id order; label 0 is Faster R-CNN's background. With
+``category_ids_as_labels=True`` the category id itself is the label (torchvision's
+convention for COCO: 91 labels, ids 1..90 with gaps unused). The mapping is kept on the
+dataset so the evaluator can map predictions back to category ids.
 
-Annotation problems are reported, never silently trained on:
-
-* unreadable / truncated / structurally wrong json, an image file that is missing,
-  or an annotation naming an unknown image or category id -> :class:`COCODatasetError`
-  (a ``ValueError``) naming the file;
-* a degenerate box (non-positive width or height, non-finite, wrong length) or one
-  entirely outside its image -> :class:`COCOAnnotationWarning` naming the image and
-  annotation id, then that box is skipped; boxes partly outside are clipped.
+Annotation problems are reported, never silently trained on (:mod:`.annotations`):
+unreadable or inconsistent json -> :class:`COCODatasetError` naming the file; degenerate or
+out-of-image boxes -> :class:`COCOAnnotationWarning` naming the image and annotation id,
+then skipped. Image files are checked when they are read: a missing or unreadable file,
+or one whose size differs from the json's, is a :class:`COCODatasetError` naming it.
+Images leave the dataset as ``uint8``; :func:`to_unit_float` (run by ``DetectionModule`` on the
+device) scales them to the 0..1 floats torchvision's detectors take.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import math
 import random
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from .annotations import COCOAnnotationWarning, COCODatasetError, load_arrays
+
 Target = dict[str, Tensor]
-MAX_BOX_WARNINGS = 10
+
+__all__ = ["COCOAnnotationWarning", "COCODatasetError", "COCODetection", "RandomHorizontalFlip", "detection_collate",
+           "to_unit_float"]
 
 
-class COCODatasetError(ValueError):
-    """A COCO dataset cannot be used as given; the message names the offending file."""
-
-
-class COCOAnnotationWarning(UserWarning):
-    """An annotation was skipped (degenerate or outside its image)."""
-
-
-def load_coco_json(path: str | Path) -> COCO:
-    """Parse and structurally check a COCO annotation file into a ``pycocotools`` index.
-
-    Missing ``area`` / ``iscrowd`` fields are filled in (box area, 0) because COCOeval needs them.
-
-    Raises:
-        COCODatasetError: the file is missing, not valid json (e.g. truncated), or lacks
-            required keys / references unknown image or category ids.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise COCODatasetError(f"COCO annotation file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise COCODatasetError(f"COCO annotation file {path} is not valid json (truncated or corrupt?): {e}") from None
-    if not isinstance(data, dict):
-        raise COCODatasetError(f"COCO annotation file {path}: top level must be an object, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise COCODatasetError(f"COCO annotation file {path}: missing or non-list key {key!r}")
-    if not data["categories"]:
-        raise COCODatasetError(f"COCO annotation file {path} defines no categories")
-    _require(path, "images", data["images"], ("id", "file_name", "width", "height"))
-    _require(path, "annotations", data["annotations"], ("id", "image_id", "category_id", "bbox"))
-    _require(path, "categories", data["categories"], ("id", "name"))
-    image_ids = {im["id"] for im in data["images"]}
-    cat_ids = {c["id"] for c in data["categories"]}
-    for ann in data["annotations"]:
-        if ann["image_id"] not in image_ids:
-            raise COCODatasetError(f"{path}: annotation id {ann['id']} names unknown image id {ann['image_id']}")
-        if ann["category_id"] not in cat_ids:
-            raise COCODatasetError(
-                f"{path}: annotation id {ann['id']} (image id {ann['image_id']}) names unknown category id "
-                f"{ann['category_id']}; known: {sorted(cat_ids)}"
-            )
-        ann.setdefault("iscrowd", 0)
-        if "area" not in ann:
-            b = ann["bbox"]
-            ann["area"] = float(b[2] * b[3]) if _is_box(b) else 0.0
-    data.setdefault("info", {})
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-    return coco
-
-
-def _require(path: Path, key: str, items: list, fields: tuple[str, ...]) -> None:
-    for i, item in enumerate(items):
-        if not isinstance(item, dict) or any(f not in item for f in fields):
-            raise COCODatasetError(f"COCO annotation file {path}: {key}[{i}] must be an object with keys {fields}")
-
-
-def _is_box(b: Any) -> bool:
-    return isinstance(b, (list, tuple)) and len(b) == 4 and all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in b
-    )
-
-
-@dataclass
-class _Record:
-    image_id: int
-    file: Path
-    width: int
-    height: int
-    boxes: np.ndarray  # [N, 4] float32 xyxy, clipped
-    labels: np.ndarray  # [N] int64 in 1..K
-    iscrowd: np.ndarray  # [N] int64
-    area: np.ndarray  # [N] float32
+def to_unit_float(images: Sequence[Tensor]) -> list[Tensor]:
+    """``uint8`` images -> float32 in 0..1 (the worker's former ``float() / 255``); float images are kept."""
+    return [x if x.is_floating_point() else x.float().div_(255.0) for x in images]
 
 
 class COCODetection(Dataset):
     """Images and targets of one COCO split, in torchvision's detection format.
 
-    ``dataset[i]`` is ``(image, target)``: ``image`` float ``[3, H, W]`` in 0..1 and
-    ``target`` with ``boxes`` ``[N, 4]`` (xyxy, pixels), ``labels`` ``[N]`` (1..K),
-    ``image_id`` (the COCO image id), ``area`` and ``iscrowd``. Images without boxes
-    give ``boxes`` of shape ``[0, 4]`` (Faster R-CNN trains on them as negatives).
+    ``dataset[i]`` is ``(image, target)``: ``image`` ``uint8 [3, H, W]`` and ``target`` with
+    ``boxes`` ``[N, 4]`` (float32 xyxy, pixels), ``labels`` ``[N]`` (int64), ``image_id``
+    (the COCO image id), ``area`` and ``iscrowd``. Images without boxes give ``boxes`` of
+    shape ``[0, 4]`` (Faster R-CNN trains on them as negatives).
 
     Args:
         image_dir: folder the json's ``file_name`` entries are relative to.
-        annotation_file: COCO ``instances_*.json``.
+        annotation_file: COCO ``instances_*.json`` (or an image-info json with
+            ``require_annotations=False``).
         transforms: ``(image, target) -> (image, target)`` applied after loading.
         drop_crowd: drop ``iscrowd=1`` boxes (training); evaluation reads crowd
             regions from the json itself.
         drop_empty: drop images left with no boxes.
-        check_files: verify every image file exists up front.
+        check_files: also verify every image file exists up front (one ``stat`` per image;
+            by default a file is checked when it is read).
+        category_ids_as_labels: use the category id as the label (see module docstring).
+        cache_dir: folder for the parsed annotations (:func:`~.annotations.load_arrays`).
+        require_annotations: False accepts files without ``annotations`` (predict-only sets).
 
     Raises:
         COCODatasetError: see the module docstring.
@@ -147,21 +74,35 @@ class COCODetection(Dataset):
         transforms: Callable[[Tensor, Target], tuple[Tensor, Target]] | None = None,
         drop_crowd: bool = True,
         drop_empty: bool = False,
-        check_files: bool = True,
+        check_files: bool = False,
+        category_ids_as_labels: bool = False,
+        cache_dir: str | Path | None = None,
+        require_annotations: bool = True,
     ) -> None:
         self.image_dir = Path(image_dir)
         self.annotation_file = Path(annotation_file)
         self.transforms = transforms
         if not self.image_dir.is_dir():
             raise COCODatasetError(f"image folder not found: {self.image_dir} (for {self.annotation_file})")
-        self.coco = load_coco_json(self.annotation_file)
-        self.cat_ids: list[int] = sorted(self.coco.getCatIds())
-        self.cat_id_to_label: dict[int, int] = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+        a = load_arrays(self.annotation_file, cache_dir=cache_dir, require_annotations=require_annotations)
+        self.arrays = a
+        self.skipped_boxes = a.skipped
+        self.cat_ids: list[int] = a.categories.tolist()
+        self.category_ids_as_labels = category_ids_as_labels
+        if category_ids_as_labels:
+            self.cat_id_to_label = {c: c for c in self.cat_ids}
+            self.labels = a.category_ids
+        else:
+            self.cat_id_to_label = {c: i + 1 for i, c in enumerate(self.cat_ids)}
+            self.labels = np.searchsorted(a.categories, a.category_ids).astype(np.int64) + 1
         self.label_to_cat_id: dict[int, int] = {i: c for c, i in self.cat_id_to_label.items()}
-        self.class_names: list[str] = [self.coco.cats[c]["name"] for c in self.cat_ids]
-        self.records = self._build(drop_crowd, drop_empty)
+        self.class_names: list[str] = a.names.tolist()
+        self.keep = a.iscrowd == 0 if drop_crowd else np.ones(len(a.iscrowd), dtype=bool)
+        image_of_ann = np.repeat(np.arange(len(a.image_ids)), np.diff(a.offsets))
+        kept_per_image = np.bincount(image_of_ann[self.keep], minlength=len(a.image_ids))
+        self.rows = np.flatnonzero(kept_per_image > 0) if drop_empty else np.arange(len(a.image_ids))
         if check_files:
-            missing = [r.file for r in self.records if not r.file.is_file()]
+            missing = [self._file(r) for r in self.rows if not self._file(r).is_file()]
             if missing:
                 more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
                 raise COCODatasetError(
@@ -173,75 +114,55 @@ class COCODetection(Dataset):
     def num_categories(self) -> int:
         return len(self.cat_ids)
 
-    def _build(self, drop_crowd: bool, drop_empty: bool) -> list[_Record]:
-        records, bad = [], []
-        for image_id in sorted(self.coco.imgs):
-            info = self.coco.imgs[image_id]
-            w, h = float(info["width"]), float(info["height"])
-            boxes, labels, crowd, area = [], [], [], []
-            for ann in self.coco.imgToAnns.get(image_id, []):
-                if drop_crowd and ann.get("iscrowd", 0):
-                    continue
-                b = ann["bbox"]
-                reason = None
-                if not _is_box(b):
-                    reason = f"malformed bbox {b!r}"
-                elif b[2] <= 0 or b[3] <= 0:
-                    reason = f"degenerate bbox {b} (width and height must be > 0)"
-                else:
-                    x0, y0 = max(b[0], 0.0), max(b[1], 0.0)
-                    x1, y1 = min(b[0] + b[2], w), min(b[1] + b[3], h)
-                    if x1 <= x0 or y1 <= y0:
-                        reason = f"bbox {b} lies outside the {w:g}x{h:g} image"
-                if reason:
-                    bad.append(f"image id {image_id}, annotation id {ann['id']}: {reason}")
-                    continue
-                boxes.append([x0, y0, x1, y1])
-                labels.append(self.cat_id_to_label[ann["category_id"]])
-                crowd.append(int(ann.get("iscrowd", 0)))
-                area.append(float(ann["area"]))
-            if drop_empty and not boxes:
-                continue
-            records.append(_Record(
-                image_id=image_id, file=self.image_dir / info["file_name"], width=int(w), height=int(h),
-                boxes=np.asarray(boxes, np.float32).reshape(-1, 4), labels=np.asarray(labels, np.int64),
-                iscrowd=np.asarray(crowd, np.int64), area=np.asarray(area, np.float32),
-            ))
-        for msg in bad[:MAX_BOX_WARNINGS]:
-            warnings.warn(f"{self.annotation_file}: skipping {msg}", COCOAnnotationWarning, stacklevel=3)
-        if len(bad) > MAX_BOX_WARNINGS:
-            warnings.warn(
-                f"{self.annotation_file}: skipped {len(bad) - MAX_BOX_WARNINGS} more bad boxes", COCOAnnotationWarning,
-                stacklevel=3,
-            )
-        self.skipped_boxes = len(bad)
-        return records
+    @property
+    def num_classes(self) -> int:
+        """Labels a detector needs, background included: K + 1, or max id + 1 with ids as labels."""
+        return (max(self.cat_ids) if self.category_ids_as_labels else self.num_categories) + 1
+
+    def image_id(self, index: int) -> int:
+        return int(self.arrays.image_ids[self.rows[index]])
+
+    def _file(self, row: int) -> Path:
+        return self.image_dir / self.arrays.files[row].decode()
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.rows)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
-        r = self.records[index]
+    def read_image(self, index: int) -> Tensor:
+        """``uint8 [3, H, W]`` of image ``index``, checked against the json's size.
+
+        Raises:
+            COCODatasetError: the file is missing, unreadable or of another size (named).
+        """
+        row = int(self.rows[index])
+        path, image_id = self._file(row), int(self.arrays.image_ids[row])
+        width, height = (int(v) for v in self.arrays.sizes[row])
         try:
-            with Image.open(r.file) as im:
+            with Image.open(path) as im:
                 pil = im.convert("RGB")
         except FileNotFoundError:
-            raise COCODatasetError(f"image file not found: {r.file} (image id {r.image_id})") from None
+            raise COCODatasetError(f"image file not found: {path} (image id {image_id})") from None
         except OSError as e:
-            raise COCODatasetError(f"cannot read image file {r.file} (image id {r.image_id}): {e}") from None
-        if pil.size != (r.width, r.height):
+            raise COCODatasetError(f"cannot read image file {path} (image id {image_id}): {e}") from None
+        if pil.size != (width, height):
             raise COCODatasetError(
-                f"image file {r.file} is {pil.size[0]}x{pil.size[1]} but {self.annotation_file} says "
-                f"{r.width}x{r.height} (image id {r.image_id})"
+                f"image file {path} is {pil.size[0]}x{pil.size[1]} but {self.annotation_file} says "
+                f"{width}x{height} (image id {image_id})"
             )
-        image = torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+        return torch.from_numpy(np.array(pil, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Target]:
+        a, row = self.arrays, int(self.rows[index])
+        lo, hi = int(a.offsets[row]), int(a.offsets[row + 1])
+        keep = self.keep[lo:hi]
         target = {
-            "boxes": torch.from_numpy(r.boxes.copy()),
-            "labels": torch.from_numpy(r.labels.copy()),
-            "image_id": torch.tensor(r.image_id, dtype=torch.int64),
-            "area": torch.from_numpy(r.area.copy()),
-            "iscrowd": torch.from_numpy(r.iscrowd.copy()),
+            "boxes": torch.from_numpy(a.boxes[lo:hi][keep]),
+            "labels": torch.from_numpy(self.labels[lo:hi][keep]),
+            "image_id": torch.tensor(int(a.image_ids[row]), dtype=torch.int64),
+            "area": torch.from_numpy(a.area[lo:hi][keep]),
+            "iscrowd": torch.from_numpy(a.iscrowd[lo:hi][keep].astype(np.int64)),
         }
+        image = self.read_image(index)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image, target

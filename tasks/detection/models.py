@@ -24,10 +24,14 @@ backbone with tiny per-GPU batches); its statistics never move and the
 ``freeze_bn`` phase then has nothing to do. With BN and small per-GPU batches
 use ``trainer.sync_batchnorm: true`` under DDP.
 
-Weights are never downloaded: ``pretrained_backbone`` is a local file with the
-torchvision *classification* state dict of the backbone (``resnet50``,
-``resnet18`` or ``mobilenet_v3_large``); :data:`BACKBONE_KEYS` maps its keys onto the
-built backbone body, which ``DetectionModule.load_pretrained`` loads in ``setup``.
+``fasterrcnn_timm/<name>_fpn`` puts the same FPN over any timm CNN's last four stages
+(:class:`tasks.timm_backbones.TimmFPN`); only ``trainable_layers=5`` (all trainable).
+
+``pretrained_backbone`` is a local file with the *classification* state dict of the
+backbone (``resnet50``, ``resnet18``, ``mobilenet_v3_large`` or the timm model), or
+``imagenet`` for the published weights (:mod:`tasks.hub`); :func:`backbone_weights` names
+the classifier and maps its keys onto the built backbone body, which
+``DetectionModule.load_pretrained`` loads in ``setup``.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from tasks.timm_backbones import PREFIX, TimmFPN, feature_key_map, parse_arch
 
 NormName = Literal["batchnorm", "frozen"]
 
@@ -127,10 +133,40 @@ BACKBONE_KEYS: dict[str, tuple[str, Callable[[str], str | None]]] = {
 }
 
 
+def timm_name(arch: str) -> str | None:
+    """The timm model of ``fasterrcnn_timm/<name>_fpn``, else None."""
+    return parse_arch(arch, "fasterrcnn", "_fpn")
+
+
+def _timm_fpn(name: str, *, trainable_layers: int, fpn_channels: int, norm: str) -> nn.Module:
+    if trainable_layers != 5:
+        raise ValueError(f"trainable_layers={trainable_layers}: timm backbones train all layers (5)")
+    _norm_layer(norm)  # checks the name
+    backbone = TimmFPN(name, fpn_channels=fpn_channels)
+    if norm == "frozen":
+        from timm.layers import freeze_batch_norm_2d
+
+        backbone.body = freeze_batch_norm_2d(backbone.body)
+    return backbone
+
+
+def known_archs() -> str:
+    return ", ".join([*sorted(ARCHS), f"fasterrcnn_{PREFIX}<name>_fpn"])
+
+
+def backbone_weights(arch: str, body: nn.Module) -> tuple[str, Callable[[str], str | None]]:
+    """The classifier whose weights fit ``arch``'s backbone body (torchvision name or ``timm/<name>``),
+    and its key -> body key map."""
+    name = timm_name(arch)
+    if name is not None:
+        return PREFIX + name, feature_key_map(body)
+    return BACKBONE_KEYS[arch]
+
+
 def anchor_generator(arch: str, sizes: list[int], aspect_ratios: list[float]) -> AnchorGenerator:
-    """ResNet-FPN: one size per level (5 sizes); MobileNet-FPN: every size on each of 3 levels."""
-    levels = ARCHS[arch][1]
-    if arch.startswith("fasterrcnn_resnet"):
+    """ResNet/timm-FPN: one size per level (5 sizes); MobileNet-FPN: every size on each of 3 levels."""
+    levels = 5 if timm_name(arch) else ARCHS[arch][1]
+    if levels == 5:
         if len(sizes) != levels:
             raise ValueError(f"{arch} has {levels} feature levels: anchor_sizes needs {levels} values, got {sizes}")
         per_level = tuple((int(s),) for s in sizes)
@@ -158,12 +194,15 @@ def build_faster_rcnn(
     Raises:
         ValueError: unknown ``arch`` (the message lists the known names) or bad sizes.
     """
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r} is not one of: {', '.join(sorted(ARCHS))}")
+    name = timm_name(arch)
+    if arch not in ARCHS and name is None:
+        raise ValueError(f"arch={arch!r} is not one of: {known_archs()}")
     if num_classes < 2:
         raise ValueError(f"num_classes={num_classes} must count the background too (>= 2)")
-    builder, _ = ARCHS[arch]
-    backbone = builder(trainable_layers=trainable_layers, fpn_channels=fpn_channels, norm=norm)
+    if name is not None:
+        backbone = _timm_fpn(name, trainable_layers=trainable_layers, fpn_channels=fpn_channels, norm=norm)
+    else:
+        backbone = ARCHS[arch][0](trainable_layers=trainable_layers, fpn_channels=fpn_channels, norm=norm)
     if representation_size < 1 or fpn_channels < 1:
         raise ValueError(f"fpn_channels={fpn_channels} and representation_size={representation_size} must be >= 1")
     resolution = 7  # FasterRCNN's default MultiScaleRoIAlign output size

@@ -10,19 +10,31 @@ supported yet: ``export_network()`` says so.
 
 Backbone normalisation is ``nn.BatchNorm2d`` by default, not torchvision's
 ``FrozenBatchNorm2d``: see :mod:`tasks.detection.models` for why.
+
+``num_classes`` must equal what the data's labels need (categories + background, or the
+largest category id + 1 with ``category_ids_as_labels``); ``setup`` checks it before the
+first step. ``predict`` writes a COCO results json (:mod:`.predictions`); validation draws
+a few images with their detections for the run directory and W&B.
 """
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
+import pytorch_lightning as pl
 from torch import Tensor, nn
 
+from gdrq_lightning import monitoring
 from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
-from tasks.weights import load_weights
+from tasks.hub import classifier_label, is_named
+from tasks.weights import load_weights, resolve
 
+from .annotations import load_coco_json
+from .dataset import to_unit_float
 from .evaluator import COCOEvaluator
-from .models import ARCHS, BACKBONE_KEYS, build_faster_rcnn, first_conv_name
+from .models import backbone_weights, build_faster_rcnn, first_conv_name
+from .predictions import COCOResultsWriter, label_names, save_grid
 
 Batch = tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]
 
@@ -31,9 +43,10 @@ class DetectionModule(TaskModule):
     """Faster R-CNN (ResNet-50/18-FPN, MobileNetV3-Large-FPN) trained and scored COCO-style.
 
     Args:
-        arch: ``fasterrcnn_resnet50_fpn``, ``fasterrcnn_resnet18_fpn`` or
-            ``fasterrcnn_mobilenet_v3_large_fpn``.
-        num_classes: categories + 1 (background); COCO 2017: 81, digits-COCO: 11.
+        arch: ``fasterrcnn_resnet50_fpn``, ``fasterrcnn_resnet18_fpn``,
+            ``fasterrcnn_mobilenet_v3_large_fpn`` or ``fasterrcnn_timm/<name>_fpn`` (any timm CNN).
+        num_classes: labels incl. background: categories + 1 (COCO 2017: 81, digits-COCO: 11),
+            or the largest category id + 1 with the datamodule's ``category_ids_as_labels`` (COCO: 91).
         min_size: images are resized so the short side is ``min_size`` ...
         max_size: ... and the long side at most ``max_size``.
         anchor_sizes: ResNet-FPN: one size per level (5); MobileNet: sizes used on each of its 3 levels.
@@ -57,8 +70,12 @@ class DetectionModule(TaskModule):
         pretrained: local file with full detector weights (``self.model.state_dict()``
             or a Lightning checkpoint of this module); float weights, loaded in ``setup``
             (see :meth:`load_starting_weights`).
-        pretrained_backbone: local file with torchvision classification weights of the
-            backbone, loaded in ``setup`` too (before ``pretrained``).
+        pretrained_backbone: local file with classification weights of the backbone, or
+            ``imagenet`` (torchvision's / timm's published weights, downloaded once into the
+            hub cache), loaded in ``setup`` too (before ``pretrained``).
+        num_vis: validation images drawn with their detections each epoch (0 = none).
+        draw_score_thresh: detections drawn (validation and predict PNGs; the datamodule's
+            ``draw_predictions`` turns the predict PNGs on).
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known ones) or bad sizes.
@@ -91,11 +108,11 @@ class DetectionModule(TaskModule):
         warmup_steps: int = 0,
         pretrained: str | None = None,
         pretrained_backbone: str | None = None,
+        num_vis: int = 4,
+        draw_score_thresh: float = 0.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if arch not in ARCHS:
-            raise ValueError(f"arch={arch!r} is not one of: {', '.join(sorted(ARCHS))}")
         self.model = build_faster_rcnn(
             arch, num_classes=num_classes, min_size=min_size, max_size=max_size,
             anchor_sizes=list(anchor_sizes or [32, 64, 128, 256, 512]),
@@ -113,6 +130,7 @@ class DetectionModule(TaskModule):
         self.num_classes = num_classes
         self.evaluator: COCOEvaluator | None = None
         self._warned_no_eval = False
+        self._vis: tuple[list[Tensor], list[dict[str, Tensor]], list[dict[str, Tensor]]] | None = None
 
     def quant_skip_default(self) -> list[str]:
         """RPN, RoI heads and the stem conv stay full precision: backbone + FPN get quantized."""
@@ -146,44 +164,54 @@ class DetectionModule(TaskModule):
         """
         hp = self.hparams
         if hp.pretrained_backbone is not None:
-            name, key_map = BACKBONE_KEYS[hp.arch]
-            load_weights(self.model.backbone.body, hp.pretrained_backbone, what="pretrained_backbone",
-                         target=f"torchvision's {name}", key_map=key_map)
+            body = self.model.backbone.body
+            name, key_map = backbone_weights(hp.arch, body)
+            load_weights(body, resolve(hp.pretrained_backbone, name, what="pretrained_backbone"),
+                         what="pretrained_backbone", target=classifier_label(name), key_map=key_map)
         if hp.pretrained is not None:
             load_weights(self.model, hp.pretrained, target=(
                 f"{hp.arch} with num_classes={hp.num_classes} (float detector weights expected; "
                 f"resume quantized runs with ckpt_path instead)"))
 
     def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Detections (eval mode): per image ``boxes`` xyxy, ``labels`` 1..K, ``scores``."""
-        return self.model(list(images))
+        """Detections (eval mode): per image ``boxes`` xyxy, ``labels`` 1..K, ``scores``.
+
+        Images are float in 0..1 or ``uint8`` (what the loaders send; scaled here, on the device).
+        """
+        return self.model(list(to_unit_float(images)))
 
     # ---- setup / evaluation plumbing ------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Download named backbone weights once per node (``setup`` on every rank then reads the cache)."""
+        if is_named(self.hparams.pretrained_backbone):
+            resolve(self.hparams.pretrained_backbone, backbone_weights(self.hparams.arch, self.model.backbone.body)[0],
+                    what="pretrained_backbone")
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = getattr(dm, "num_classes", None) if dm is not None and _ready(dm) else None
-        if needed is not None:
-            if self.num_classes < needed:
-                raise ValueError(
-                    f"DetectionModule(num_classes={self.num_classes}) is too small for the data: "
-                    f"{needed - 1} categories + background = {needed}"
-                )
-            if self.num_classes > needed:
-                warnings.warn(
-                    f"DetectionModule(num_classes={self.num_classes}) exceeds the data's {needed - 1} categories "
-                    f"+ background; the extra classes are never trained", stacklevel=2,
-                )
+        if needed is not None and self.num_classes != needed:
+            by_id = _ids_as_labels(dm)
+            data = (f"largest category id {needed - 1} + 1 (category ids as labels)" if by_id else
+                    f"{needed - 1} categories + background = {needed}")
+            hint = "" if by_id or self.num_classes <= needed else (
+                "; for torchvision's 91-label COCO convention set data.category_ids_as_labels: true")
+            raise ValueError(f"DetectionModule(num_classes={self.num_classes}) does not match the data: {data}{hint}")
         super().setup(stage)  # the starting weights, once the data is known to fit
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        hp = self.hparams
+        return [COCOResultsWriter(score_thresh=hp.draw_score_thresh)]  # `predict` only
 
     def _make_evaluator(self) -> COCOEvaluator | None:
         dm = self.trainer.datamodule
-        if dm is not None and hasattr(dm, "val_coco") and _ready(dm):
-            return COCOEvaluator(dm.val_coco, dm.label_to_cat_id)
+        if dm is not None and hasattr(dm, "load_val_coco") and _ready(dm):
+            return COCOEvaluator(dm.load_val_coco, dm.label_to_cat_id, drop_unmapped=_ids_as_labels(dm))
         loaders = self.trainer.val_dataloaders if not self.trainer.testing else self.trainer.test_dataloaders
         loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
         dataset = getattr(loader, "dataset", None)
-        if dataset is not None and hasattr(dataset, "coco") and hasattr(dataset, "label_to_cat_id"):
-            return COCOEvaluator(dataset.coco, dataset.label_to_cat_id)
+        if dataset is not None and hasattr(dataset, "annotation_file") and hasattr(dataset, "label_to_cat_id"):
+            return COCOEvaluator(lambda: load_coco_json(dataset.annotation_file), dataset.label_to_cat_id)
         if not self._warned_no_eval:
             warnings.warn(
                 "DetectionModule: no COCO ground truth found (use COCODataModule or a COCODetection "
@@ -195,7 +223,7 @@ class DetectionModule(TaskModule):
     # ---- steps ----------------------------------------------------------------------------------
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         images, targets = batch
-        losses: dict[str, Tensor] = self.model(list(images), list(targets))
+        losses: dict[str, Tensor] = self.model(list(to_unit_float(images)), list(targets))
         check_finite(losses, self.global_step)
         loss = sum(losses.values())
         bs = len(images)
@@ -209,12 +237,27 @@ class DetectionModule(TaskModule):
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         images, targets = batch
-        outputs = self.model(list(images))
+        outputs = self(images)
         if self.evaluator is not None:
             self.evaluator.update(outputs, targets)
+        k = self.hparams.num_vis
+        if batch_idx == 0 and k > 0 and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self._vis = (list(images[:k]), outputs[:k], list(targets[:k]))
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
+        if self._vis is not None:
+            self._save_predictions(*self._vis)
+        self._vis = None
+
+    def _save_predictions(self, images: list[Tensor], outputs: list[dict[str, Tensor]],
+                          targets: list[dict[str, Tensor]]) -> Path:
+        """``<run dir>/predictions/val_epochNNN.png`` (ground truth green), attached to W&B when that is the logger."""
+        path = Path(monitoring.run_dir(self.trainer)) / "predictions" / f"val_epoch{self.current_epoch:03d}.png"
+        save_grid(images, outputs, targets, label_names(self.trainer)[1], path,
+                  score_thresh=self.hparams.draw_score_thresh)
+        monitoring.log_image(self.trainer, "val/predictions", str(path))
+        return path
 
     def on_test_epoch_start(self) -> None:
         self.evaluator = self._make_evaluator()
@@ -227,7 +270,7 @@ class DetectionModule(TaskModule):
 
     def predict_step(self, batch: Batch, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Tensor]]:
         images = batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-        return self.model(list(images))
+        return self(images)
 
     def _log_metrics(self, prefix: str) -> None:
         if self.evaluator is None or self.trainer.sanity_checking:
@@ -253,3 +296,8 @@ def _ready(dm: Any) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def _ids_as_labels(dm: Any) -> bool:
+    """Whether the datamodule uses category ids as labels (``COCODataModule(category_ids_as_labels=True)``)."""
+    return bool(getattr(getattr(dm, "hparams", None), "category_ids_as_labels", False))

@@ -1,9 +1,10 @@
-"""Datasets over the real on-disk layouts of PASCAL VOC and Cityscapes.
+"""Datasets over the real on-disk layouts of PASCAL VOC and Cityscapes (found by :mod:`.layout`).
 
 Every file problem is reported with the file's path: a missing image or mask
 (``FileNotFoundError``, checked when the dataset is built), a mask whose size
 differs from its image, a mask that is not an index PNG, or label values outside
-the class range (``ValueError``, checked when the sample is read).
+the class range (``ValueError``, checked when the sample is read, with one ``bincount``
+per mask; ``scan_labels`` checks a few masks up front). Masks are ``uint8`` throughout.
 """
 from __future__ import annotations
 
@@ -11,14 +12,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from .labels import CITYSCAPES_VALID_IDS, IGNORE_INDEX, cityscapes_lut
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_image, to_tensor_pair
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor_image
 
-JointTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# (PIL image, uint8 mask) -> (uint8 [3, h, w], uint8 [h, w]), e.g. transforms.RandomScaleCrop
+JointTransform = Callable[[Image.Image, np.ndarray], tuple[Tensor, Tensor]]
 _INDEX_MODES = ("P", "L", "I", "I;16")
 
 
@@ -55,7 +58,8 @@ class SegmentationFiles(Dataset):
         images: RGB image paths.
         masks: index-PNG mask paths, one per image.
         num_classes: valid train ids are ``0..num_classes-1`` and 255.
-        transform: joint transform on the normalised tensors.
+        transform: joint transform of training pairs (``uint8`` out); without one, the image
+            is normalised float and the mask ``uint8``.
         label_map: optional ``uint8 [256]`` lookup from raw mask values to train ids
             (Cityscapes); ``valid_raw`` then lists the allowed raw values.
     """
@@ -78,40 +82,60 @@ class SegmentationFiles(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
-        """The RGB image and the validated train-id mask (``uint8``/``int`` array) of one sample."""
-        image_path, mask_path = self.images[index], self.masks[index]
-        image = Image.open(image_path).convert("RGB")
-        mask_img = read_index_mask(mask_path)
-        if mask_img.size != image.size:
-            raise ValueError(
-                f"mask {str(mask_path)!r} is {mask_img.size[0]}x{mask_img.size[1]} (WxH) but its image "
-                f"{str(image_path)!r} is {image.size[0]}x{image.size[1]}"
-            )
+    def read_mask(self, index: int) -> tuple[np.ndarray, tuple[int, int]]:
+        """The checked train-id mask (``uint8 [H, W]``) of one sample and its ``(width, height)``.
+
+        Raises:
+            ValueError: colours instead of indices, or values outside the class range (names the file).
+        """
+        path = self.masks[index]
+        mask_img = read_index_mask(path)
         mask = np.asarray(mask_img)
         if self.label_map is not None:
             if self.valid_raw is not None:
-                self._check_values(mask, mask_path, lambda v: v in self.valid_raw, "label ids")
-            mask = self.label_map[mask.astype(np.int64) & 0xFF]
+                self._check_values(mask, path, lambda v: v in self.valid_raw, "label ids")
+            mask = self.label_map[mask & 0xFF]
         else:
-            self._check_values(mask, mask_path, lambda v: v < self.num_classes or v == IGNORE_INDEX, "labels")
-        return image, mask
+            self._check_values(mask, path, lambda v: v < self.num_classes or v == IGNORE_INDEX, "labels")
+        return mask.astype(np.uint8, copy=False), mask_img.size
+
+    def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
+        """The RGB image and the validated train-id mask (``uint8``) of one sample."""
+        image_path = self.images[index]
+        image = Image.open(image_path)
+        mask, size = self.read_mask(index)
+        if size != image.size:
+            raise ValueError(
+                f"mask {str(self.masks[index])!r} is {size[0]}x{size[1]} (WxH) but its image "
+                f"{str(image_path)!r} is {image.size[0]}x{image.size[1]}"
+            )
+        return image.convert("RGB"), mask
+
+    def scan_labels(self, count: int) -> None:
+        """Check up to ``count`` masks spread over the set (before training, not one epoch in).
+
+        Raises:
+            ValueError: a mask with values outside the class range (names the file and ``num_classes``).
+        """
+        for index in np.unique(np.linspace(0, len(self) - 1, num=min(count, len(self))).round().astype(int)):
+            self.read_mask(int(index))
 
     def _check_values(self, mask: np.ndarray, path: Path, ok: Callable[[int], bool], what: str) -> None:
-        values = np.unique(mask)
-        bad = [int(v) for v in values if not (v >= 0 and ok(int(v)))]
+        if mask.size and int(mask.min()) < 0:
+            bad = sorted({int(v) for v in mask.ravel() if v < 0})
+        else:
+            bad = [int(v) for v in np.flatnonzero(np.bincount(mask.ravel())) if not ok(int(v))]
         if bad:
             raise ValueError(
                 f"mask {str(path)!r} has {what} {bad} outside the valid range "
-                f"(0..{self.num_classes - 1} classes, 255 = ignore)"
+                f"(num_classes={self.num_classes}: 0..{self.num_classes - 1}, 255 = ignore)"
             )
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         image, mask = self.load(index)
-        x, y = to_tensor_pair(image, mask, self.mean, self.std)
         if self.transform is not None:
-            x, y = self.transform(x, y)
-        return x, y
+            return self.transform(image, mask)
+        return to_tensor_image(image, self.mean, self.std), torch.from_numpy(np.array(mask, dtype=np.uint8))
 
 
 class SegmentationImages(Dataset):
@@ -145,17 +169,19 @@ def read_id_list(path: Path) -> list[str]:
             f"list file {str(path)!r} not found; expected the VOC layout "
             "<root>/ImageSets/Segmentation/<split>.txt, <root>/JPEGImages, <root>/SegmentationClass"
         )
-    ids = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    # plain ids, or SBD/DeepLab "train_aug" lines: "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png"
+    ids = [Path(line.split()[0]).stem for line in path.read_text().splitlines() if line.strip()]
     if not ids:
         raise ValueError(f"list file {str(path)!r} is empty")
     return ids
 
 
-def voc_dataset(root: str | Path, split: str, *, num_classes: int = 21, mask_dir: str = "SegmentationClass",
-                transform: JointTransform | None = None, **kwargs) -> SegmentationFiles:
-    """VOC layout: ``JPEGImages/<id>.jpg``, ``<mask_dir>/<id>.png``, ``ImageSets/Segmentation/<split>.txt``."""
+def voc_dataset(root: str | Path, split: str, *, num_classes: int = 21, mask_dir: str | Path = "SegmentationClass",
+                transform: JointTransform | None = None, list_file: Path | None = None, **kwargs) -> SegmentationFiles:
+    """VOC layout: ``JPEGImages/<id>.jpg``, ``<mask_dir>/<id>.png`` (relative to ``root`` or absolute),
+    ids from ``ImageSets/Segmentation/<split>.txt`` (or ``list_file``)."""
     root = Path(root)
-    ids = read_id_list(root / "ImageSets" / "Segmentation" / f"{split}.txt")
+    ids = read_id_list(list_file or root / "ImageSets" / "Segmentation" / f"{split}.txt")
     images = [root / "JPEGImages" / f"{i}.jpg" for i in ids]
     masks = [root / mask_dir / f"{i}.png" for i in ids]
     return SegmentationFiles(images, masks, num_classes=num_classes, transform=transform, **kwargs)

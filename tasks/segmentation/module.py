@@ -20,11 +20,12 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from gdrq_lightning import monitoring
 from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
-from tasks.weights import load_weights
+from tasks.hub import classifier_label, is_named
+from tasks.weights import load_weights, resolve
 
 from .labels import IGNORE_INDEX, default_class_names
 from .metrics import iou_per_class, pixel_accuracy
-from .models import BACKBONES, MainOutput, backbone_key, build_model, quant_skip
+from .models import MainOutput, backbone_weights, build_model, quant_skip
 from .predictions import PaletteMaskWriter, PredictBatch
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 from .visualize import save_prediction_grid
@@ -38,7 +39,8 @@ class SegmentationModule(TaskModule):
     """Semantic segmentation with FCN or PSPNet.
 
     Args:
-        arch: ``fcn_resnet18``, ``fcn_resnet50``, ``fcn_resnet101``, ``pspnet_resnet18``, ``pspnet_resnet50``.
+        arch: ``fcn_resnet18``, ``fcn_resnet50``, ``fcn_resnet101``, ``pspnet_resnet18``, ``pspnet_resnet50``,
+            or ``fcn_timm/<name>`` / ``pspnet_timm/<name>`` for a timm backbone (output stride 8).
         num_classes: output classes (21 VOC, 19 Cityscapes, 11 digits-VOC).
         ignore_index: mask value excluded from loss and metrics.
         aux_loss: build the auxiliary FCN head on ``layer3``.
@@ -48,8 +50,9 @@ class SegmentationModule(TaskModule):
             ``(1 - step/total) ** poly_power`` unless ``scheduler`` says otherwise.
         pretrained: local file with weights for the whole network (a state dict or a
             Lightning checkpoint; quantizer entries are ignored), loaded in ``setup``.
-        pretrained_backbone: local file with torchvision ResNet classifier weights, loaded
-            into the backbone in ``setup`` (before ``pretrained``).
+        pretrained_backbone: local file with the backbone's classifier weights (torchvision
+            ResNet or the timm model), or ``imagenet`` for the published ones (downloaded once
+            into the hub cache); loaded into the backbone in ``setup`` (before ``pretrained``).
         class_names: names for ``val/iou_<name>``; default: the datamodule's, else by ``num_classes``.
         num_vis: validation samples drawn into the prediction PNG (0 = none).
 
@@ -110,8 +113,9 @@ class SegmentationModule(TaskModule):
         """
         hp = self.hparams
         if hp.pretrained_backbone is not None:
-            load_weights(self.model.backbone, hp.pretrained_backbone, what="pretrained_backbone",
-                         target=f"torchvision's {BACKBONES[hp.arch]}", key_map=backbone_key)
+            net, name, key_map = backbone_weights(hp.arch, self.model)
+            load_weights(net, resolve(hp.pretrained_backbone, name, what="pretrained_backbone"),
+                         what="pretrained_backbone", target=classifier_label(name), key_map=key_map)
         if hp.pretrained is not None:
             load_weights(self.model, hp.pretrained, target=f"{hp.arch} with num_classes={hp.num_classes}")
 
@@ -119,6 +123,12 @@ class SegmentationModule(TaskModule):
         return [PaletteMaskWriter()]  # acts in `predict` only
 
     # ----------------------------------------------------------------- setup
+    def prepare_data(self) -> None:
+        """Download named backbone weights once per node (``setup`` on every rank then reads the cache)."""
+        if is_named(self.hparams.pretrained_backbone):
+            resolve(self.hparams.pretrained_backbone, backbone_weights(self.hparams.arch, self.model)[1],
+                    what="pretrained_backbone")
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         dm_classes = getattr(dm, "num_classes", None)
@@ -141,7 +151,7 @@ class SegmentationModule(TaskModule):
 
     # ----------------------------------------------------------------- steps
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, targets = batch
+        images, targets = batch[0], batch[1].long()  # masks travel as uint8
         out = self.model(images)
         losses = {"loss_main": self.criterion(out["out"], targets)}
         if "aux" in out and self.hparams.aux_weight > 0:
@@ -154,7 +164,7 @@ class SegmentationModule(TaskModule):
         return loss
 
     def _eval_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, stage: str) -> None:
-        images, targets = batch
+        images, targets = batch[0], batch[1].long()
         logits = self(images)
         loss = self.criterion(logits, targets)
         preds = logits.argmax(dim=1)

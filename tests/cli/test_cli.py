@@ -180,3 +180,36 @@ def test_invalid_quant_config_value_is_one_short_error(tmp_path: Path, monkeypat
         "gdrq: error: ValueError: QuantConfig.weight_bits=9 is out of range (allowed: integer 1..8)",
         "(set GDRQ_DEBUG=1 or pass --debug for the traceback)",
     ]
+
+
+# -- discoverability (issue #19) ---------------------------------------------------------------
+def test_top_level_help_lists_all_six_subcommands(capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["--help"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.startswith("  ")]
+    assert listed == ["fit", "validate", "test", "predict", "export", "data"]
+    assert "gdrq export --ckpt CKPT --out DIR" in out and "GDRQ_DEBUG=1" in out
+    assert run_main([]) == 2 and "commands:" in capsys.readouterr().out
+
+
+def test_unknown_command_lists_the_six(capsys: pytest.CaptureFixture) -> None:
+    assert run_main(["fitt", "--config", "x.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "gdrq: error: unknown command 'fitt'; one of: fit, validate, test, predict, export, data (gdrq --help)")
+
+
+def test_a_loader_worker_error_is_reported_in_one_line() -> None:
+    """DataLoader re-raises a worker's error with the worker's whole traceback in the message."""
+    from torch._utils import ExceptionWrapper
+
+    from gdrq_lightning.cli import one_line
+
+    try:
+        raise FileNotFoundError("image file not found: /data/x/1.png")
+    except FileNotFoundError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(FileNotFoundError) as info:
+        wrapped.reraise()
+    assert len(str(info.value).splitlines()) > 3
+    assert one_line(str(info.value)) == "image file not found: /data/x/1.png"
+    assert one_line("plain message") == "plain message"

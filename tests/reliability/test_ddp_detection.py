@@ -1,6 +1,7 @@
 """Two-process DDP on CPU (gloo) of a tiny quantized Faster R-CNN: COCOeval sees every
-validation image once (each rank saw about half), both ranks log the same mAP, and the
-backbone's activation-quantizer statistics stay identical across ranks."""
+validation image once (each rank saw about half; the detections are gathered to rank 0
+only), both ranks log the same mAP, and the backbone's activation-quantizer statistics stay
+identical across ranks."""
 from __future__ import annotations
 
 import json
@@ -55,9 +56,9 @@ def test_ddp_detection_evaluates_all_images_once_with_synced_quantizers(tmp_path
     result = run_ddp(SCRIPT, str(root))
     assert result["world"] == 2
     r0, r1 = result["ranks"]
-    # each rank saw 3 of the 5 images (DistributedSampler pads with a repeat); COCOeval gets all 5 once
+    # each rank saw 3 of the 5 images (DistributedSampler pads with a repeat); COCOeval on rank 0 gets all 5 once
     assert r0["local"] < len(val_ids) and r1["local"] < len(val_ids)
-    assert r0["gathered"] == r1["gathered"] == val_ids
+    assert r0["gathered"] == val_ids and r1["gathered"] == []  # gathered to rank 0 only
     assert "val/mAP" in r0["metrics"] and r0["metrics"] == r1["metrics"]
     assert len(r0["ema"]) > 0 and any(v > 0 for v in r0["ema"])
     assert r0["ema"] == r1["ema"], "activation EMA thresholds differ between ranks"

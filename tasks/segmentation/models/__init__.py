@@ -6,6 +6,9 @@ main map alone, for export). ``QUANT_SKIP`` lists, per arch, the layers kept ful
 precision by default: the first backbone conv and the final 1x1 classifier convs of the
 main and auxiliary heads. Builders start from random weights; ``BACKBONES`` names the
 torchvision classifier whose ImageNet weights fit each arch's backbone.
+
+``fcn_timm/<name>`` and ``pspnet_timm/<name>`` put the same heads on any timm CNN whose
+last two stages timm can run at output stride 8 (:class:`tasks.timm_backbones.TimmDilated`).
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from collections.abc import Callable
 from torch import Tensor, nn
 from torchvision.models.segmentation import fcn_resnet50, fcn_resnet101
 from torchvision.models.segmentation.fcn import FCN, FCNHead
+
+from tasks.timm_backbones import PREFIX, TimmDilated, feature_key_map, first_conv, parse_arch
 
 from .backbone import backbone_key, dilated_resnet
 from .pspnet import PSPHead, PSPNet, PyramidPooling, build_pspnet
@@ -57,22 +62,60 @@ QUANT_SKIP: dict[str, list[str]] = {name: _PSP_SKIP if name.startswith("pspnet")
 BACKBONES: dict[str, str] = {name: name.rpartition("_")[2] for name in MODELS}  # e.g. pspnet_resnet50 -> resnet50
 
 
+def _timm(arch: str) -> tuple[str, str] | None:
+    """``(head, timm name)`` of ``fcn_timm/<name>`` / ``pspnet_timm/<name>``, else None."""
+    for head in ("fcn", "pspnet"):
+        name = parse_arch(arch, head)
+        if name is not None:
+            return head, name
+    return None
+
+
+def _unknown(arch: str) -> ValueError:
+    return ValueError(f"unknown segmentation arch {arch!r}; known: {', '.join(MODELS)}, fcn_{PREFIX}<name>, "
+                      f"pspnet_{PREFIX}<name>")
+
+
 def build_model(arch: str, *, num_classes: int, aux_loss: bool = True) -> nn.Module:
     """Build ``arch`` with random weights.
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known names).
     """
+    timm_arch = _timm(arch)
+    if timm_arch is not None:
+        head, name = timm_arch
+        backbone = TimmDilated(name, aux=aux_loss)
+        c3, c4 = backbone.channels
+        if head == "fcn":
+            return FCN(backbone, FCNHead(c4, num_classes), FCNHead(c3, num_classes) if aux_loss else None)
+        return build_pspnet(backbone, c3, c4, num_classes=num_classes, aux_loss=aux_loss, channels=256)
     if arch not in MODELS:
-        raise ValueError(f"unknown segmentation arch {arch!r}; known: {', '.join(MODELS)}")
+        raise _unknown(arch)
     return MODELS[arch](num_classes=num_classes, aux_loss=aux_loss)
 
 
 def quant_skip(arch: str, aux_loss: bool = True) -> list[str]:
     """Default full-precision layers of ``arch`` (see module docstring)."""
-    if arch not in QUANT_SKIP:
-        raise ValueError(f"unknown segmentation arch {arch!r}; known: {', '.join(MODELS)}")
-    return [p for p in QUANT_SKIP[arch] if aux_loss or not p.startswith("aux_classifier")]
+    timm_arch = _timm(arch)
+    if timm_arch is not None:
+        head, name = timm_arch
+        patterns = [f"backbone.body.{first_conv(name)}", *(_PSP_SKIP if head == "pspnet" else _FCN_SKIP)[1:]]
+    elif arch in QUANT_SKIP:
+        patterns = QUANT_SKIP[arch]
+    else:
+        raise _unknown(arch)
+    return [p for p in patterns if aux_loss or not p.startswith("aux_classifier")]
+
+
+def backbone_weights(arch: str, model: nn.Module) -> tuple[nn.Module, str, Callable[[str], str | None]]:
+    """Where ``pretrained_backbone`` loads: the module, the classifier whose weights fit it
+    (torchvision name or ``timm/<name>``) and its key map."""
+    timm_arch = _timm(arch)
+    if timm_arch is not None:
+        body = model.backbone.body
+        return body, PREFIX + timm_arch[1], feature_key_map(body)
+    return model.backbone, BACKBONES[arch], backbone_key
 
 
 class MainOutput(nn.Module):
@@ -88,5 +131,5 @@ class MainOutput(nn.Module):
 
 __all__ = [
     "BACKBONES", "MODELS", "MainOutput", "PSPHead", "PSPNet", "PyramidPooling", "QUANT_SKIP", "backbone_key",
-    "build_model", "fcn_resnet18", "quant_skip",
+    "backbone_weights", "build_model", "fcn_resnet18", "quant_skip",
 ]

@@ -12,7 +12,7 @@ from PIL import Image
 from tasks.segmentation import CityscapesDataModule, VOCSegmentationDataModule, make_digits_voc
 from tasks.segmentation.datasets import cityscapes_dataset, voc_dataset
 from tasks.segmentation.labels import CITYSCAPES_CLASSES, cityscapes_lut, labelid_to_trainid, voc_palette
-from tasks.segmentation.transforms import RandomCrop, pad_collate
+from tasks.segmentation.transforms import RandomScaleCrop, pad_collate
 
 
 def test_cityscapes_labelid_to_trainid_table() -> None:
@@ -52,9 +52,12 @@ def test_voc_datamodule_batches(tiny_voc: Path) -> None:
     dm = VOCSegmentationDataModule(root=str(tiny_voc), num_classes=11, batch_size=2, num_workers=0, crop_size=24)
     dm.setup("fit")
     x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (2, 3, 24, 24) and y.shape == (2, 24, 24) and y.dtype == torch.int64
+    assert x.shape == (2, 3, 24, 24) and y.shape == (2, 24, 24) and x.dtype == y.dtype == torch.uint8
+    normalised, same = dm.on_after_batch_transfer((x, y), 0)  # what Lightning runs after the copy to the device
+    assert normalised.dtype == torch.float32 and same is y
+    torch.testing.assert_close(normalised, (x / 255 - torch.tensor(dm.mean).view(3, 1, 1)) / torch.tensor(dm.std).view(3, 1, 1))
     x, y = next(iter(dm.val_dataloader()))
-    assert x.shape == (2, 3, 32, 32)
+    assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.uint8
     assert set(torch.unique(y).tolist()) <= set(range(11)) | {255}
     assert dm.class_names[0] == "background" and dm.class_names[10] == "digit9"
 
@@ -72,13 +75,14 @@ def test_cityscapes_dataset_maps_train_ids(tiny_cityscapes: Path) -> None:
     assert x.shape == (2, 3, 16, 16) and int(y[y != 255].max()) < 19
 
 
-def test_random_crop_pads_mask_with_ignore() -> None:
-    torch.manual_seed(0)
-    x, y = torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.long)
-    cx, cy = RandomCrop(8)(x, y)
-    assert cx.shape == (3, 8, 8) and cy.shape == (8, 8)
-    assert (cy == 255).sum() == 64 - 20 and (cx == 0).sum() == 3 * (64 - 20)
-    bx, by = pad_collate([(x, y), (torch.ones(3, 6, 2), torch.ones(6, 2, dtype=torch.long))])
+def test_crop_pads_with_mean_colour_and_ignore() -> None:
+    image = Image.fromarray(np.full((4, 5, 3), 7, dtype=np.uint8))
+    cx, cy = RandomScaleCrop(8, (1.0, 1.0), hflip=False)(image, np.zeros((4, 5), dtype=np.uint8))
+    assert cx.shape == (3, 8, 8) and cy.shape == (8, 8) and cx.dtype == cy.dtype == torch.uint8
+    assert (cy == 255).sum() == 64 - 20 and (cy[:4, :5] == 0).all() and (cx[:, :4, :5] == 7).all()
+    assert cx[:, 7, 7].tolist() == [124, 116, 104]  # ImageNet's mean colour: normalises to ~0
+    x, y = torch.ones(3, 4, 5), torch.zeros(4, 5, dtype=torch.uint8)
+    bx, by = pad_collate([(x, y), (torch.ones(3, 6, 2), torch.ones(6, 2, dtype=torch.uint8))])
     assert bx.shape == (2, 3, 6, 5) and by[0, 5, 0] == 255 and by[1, 0, 4] == 255 and by[1, 0, 1] == 1
 
 
