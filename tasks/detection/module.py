@@ -146,10 +146,11 @@ class DetectionModule(TaskModule):
         """The detector on a training batch: with its targets in train mode (RPN and RoI sampling
         need them, as in a training step), on the images alone in eval mode."""
         images, targets = batch
+        images = to_unit_float(images)
         if self.model.training:
-            self.model(list(images), list(targets))
+            self.model(images, list(targets))
         else:
-            self.model(list(images))
+            self.model(images)
 
     def load_starting_weights(self) -> None:
         """Load ``pretrained_backbone`` into the backbone body, then ``pretrained`` into the detector.
