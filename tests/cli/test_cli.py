@@ -103,6 +103,7 @@ def test_data_commands_are_entry_points(tmp_path: Path, capsys: pytest.CaptureFi
     assert {name: ep.value for name, ep in commands.items()} == {
         "make-digits-coco": "tasks.detection.digits_coco:make_digits_coco",
         "make-digits-voc": "tasks.segmentation.digits_voc:make_digits_voc",
+        "make-digits-folder": "tasks.classification.digits_folder:make_digits_folder",
     }
     main(["data", "make-digits-voc", str(tmp_path / "voc"), "--seed", "1"])
     assert capsys.readouterr().out.strip() == str(tmp_path / "voc")
