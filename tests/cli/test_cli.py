@@ -113,7 +113,7 @@ def test_data_commands_are_entry_points(tmp_path: Path, capsys: pytest.CaptureFi
 def test_unknown_data_command_lists_the_known_ones(capsys: pytest.CaptureFixture) -> None:
     assert run_main(["data", "make-imagenet", "out"]) == 2
     err = capsys.readouterr().err
-    assert "invalid choice: 'make-imagenet'" in err and "'make-digits-coco', 'make-digits-voc'" in err
+    assert "invalid choice: 'make-imagenet'" in err and "'make-digits-coco', 'make-digits-folder', 'make-digits-voc'" in err
 
 
 @pytest.mark.parametrize("quantized", [True, False], ids=["gdrq", "fp32-without-callback"])
