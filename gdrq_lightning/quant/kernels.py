@@ -28,8 +28,8 @@ it as is where compiling fails; ``eager`` never compiles (the same bodies as ATe
 """
 from __future__ import annotations
 
+import functools
 import os
-import types
 import warnings
 from contextlib import contextmanager
 from typing import Callable, Iterator, Optional
@@ -42,7 +42,7 @@ FULL, HALF, QUARTER = 4, 2, 1  # mask codes: 4 x the gradient factor
 BACKENDS = ("auto", "eager")
 _OPTIONS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True}  # eager numerics on Triton
 _backend = os.environ.get("GDRQ_KERNELS", "auto")
-_compiled: dict[tuple, Callable] = {}
+_kernels: dict[tuple, Callable] = {}
 _broken: set[str] = set()  # device types where compiling failed once
 
 
@@ -69,27 +69,45 @@ def use_backend(name: str) -> Iterator[None]:
         _backend = before
 
 
-def _fresh(fn: Callable) -> Callable:
-    """A copy of ``fn`` with its own code object: dynamo counts recompiles per code object, so each
-    (device, dtype, rank) gets its own budget instead of sharing one."""
-    return types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+def _example(t: Tensor) -> Tensor:
+    """A stand-in for ``t`` to trace with: sizes 1 stay 1 (broadcast dims), the others get distinct
+    sizes per position from the right (5, 3, 2, 7), so related dims of different tensors share a
+    symbol and unrelated ones do not."""
+    sizes = (5, 3, 2, 7)
+    shape = [1 if d == 1 else sizes[t.dim() - 1 - i] for i, d in enumerate(t.shape)]
+    return torch.zeros(shape, dtype=t.dtype, device=t.device)
 
 
-def _run(body: Callable, x: Tensor, *args):
-    """``body(x, *args)``, compiled by inductor for ``x``'s device, dtype and rank unless disabled."""
-    device = x.device.type
-    if _backend == "eager" or device in _broken:
-        return body(x, *args)
-    key = (body, device, x.dtype, x.dim())
-    if key not in _compiled:
-        _compiled[key] = torch.compile(_fresh(body), dynamic=True, fullgraph=True, options=_OPTIONS)
-    try:  # detached: views would make dynamo guard on (and recompile for) their bases
-        with torch.no_grad():
-            return _compiled[key](x.detach(), *(a.detach() if isinstance(a, Tensor) else a for a in args))
-    except Exception as err:  # no C++ compiler / Triton: the same math as ATen ops from now on
-        _broken.add(device)
-        warnings.warn(f"gdrq kernels: compiling for {device} failed ({type(err).__name__}: {err}); running them as ATen ops")
-        return body(x, *args)
+def _build(body: Callable, tensors: tuple[Tensor, ...], static: dict) -> Callable:
+    """Inductor's kernel for ``body`` over any sizes with the same dtypes, devices and size-1 dims.
+
+    Traced with symbolic shapes and compiled once (``standalone_compile``: no dynamo guards on
+    each call, a few microseconds instead of tens); ``static`` values are baked in.
+    """
+    from torch._inductor import standalone_compile
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    examples = [_example(t) for t in tensors]
+    gm = make_fx(functools.partial(body, **static), tracing_mode="symbolic")(*examples)
+    return standalone_compile(gm, examples, dynamic_shapes="from_graph", options={"config_patches": _OPTIONS})
+
+
+def _run(body: Callable, *tensors: Tensor, **static):
+    """``body(*tensors, **static)`` (a tuple), compiled by inductor on first use unless disabled."""
+    device = tensors[0].device.type
+    if _backend == "eager" or device in _broken or tensors[0].numel() == 0:
+        return body(*tensors, **static)
+    tensors = tuple(t.contiguous() for t in tensors)  # the kernels index densely
+    key = (body, tuple(static.items()), tuple((t.dtype, t.device, tuple(d == 1 for d in t.shape)) for t in tensors))
+    kernel = _kernels.get(key)
+    if kernel is None:
+        try:
+            kernel = _kernels[key] = _build(body, tensors, static)
+        except Exception as err:  # no C++ compiler / Triton: the same math as ATen ops from now on
+            _broken.add(device)
+            warnings.warn(f"gdrq kernels: compiling for {device} failed ({type(err).__name__}: {err}); running them as ATen ops")
+            return body(*tensors, **static)
+    return tuple(kernel(*tensors))
 
 
 # --- layouts: kernels see a flat (or [G, L]) view in memory order ---------------------------
@@ -100,6 +118,8 @@ def _channels_last(x: Tensor) -> bool:
 
 def _flat(x: Tensor) -> Tensor:
     """``x`` as 1-D in memory order (a view for contiguous and channels-last tensors)."""
+    if x.is_contiguous():
+        return x.view(-1)
     return x.permute(0, 2, 3, 1).reshape(-1) if _channels_last(x) else x.reshape(-1)
 
 
@@ -134,74 +154,90 @@ def _shaped(res: Tensor, x: Tensor, grouped: bool) -> Tensor:
 
 # --- kernel bodies: pure element-wise math, compiled or run as they are ----------------------
 
-def _grid_values(xc: Tensor, scale: Tensor, inv: Tensor, qmin: int, qmax: int) -> Tensor:
-    """ATen's fake-quant of clamped float32 ``xc``: ``scale * clamp(round(xc * inv), qmin, qmax)``."""
-    return torch.round(xc * inv).to(torch.int32).clamp(qmin, qmax).float() * scale
+def _grid_values(xc: Tensor, a: Tensor, n: Tensor, signed: bool) -> Tensor:
+    """ATen's fake-quant of clamped float32 ``xc`` on the grid of ``a`` with ``n`` steps:
+    ``s * clamp(round(xc * (1 / s)), -n or 0, n)``, ``s = max(a / n, 1e-8)``.
+
+    ``n`` is a tensor, so one kernel serves every bit width (and a compiler cannot turn the
+    division by a constant into an inexact product). ``(q + n) - n`` is exact for these small
+    integers and turns ``round``'s ``-0.0`` into the ``+0.0`` ATen's integer cast gives
+    (compilers may fold ``+ 0.0``, not this).
+    """
+    scale = (a / n).clamp_min(MIN_SCALE)
+    q = torch.round(xc * (torch.ones_like(scale) / scale))
+    q = torch.minimum(torch.maximum(q, -n) if signed else q.clamp_min(0.0), n)
+    return ((q + n) - n) * scale
 
 
-def _symmetric_mask(xf: Tensor, ab: Tensor, tie: int) -> Tensor:
+def _code(factor: Tensor) -> Tensor:
+    """A mask from float codes (vectorised as floats, stored as bytes)."""
+    return factor.to(torch.uint8)
+
+
+def _symmetric_mask(xf: Tensor, ab: Tensor, tie: Tensor) -> Tensor:
     """The mask of ``clamp(x, -a, a)``: ``tie`` on ``|x| == a > 0``, full when both bounds are 0."""
     mag = xf.abs()
-    on_bound = torch.where(ab > 0, tie, FULL)
-    return torch.where(mag < ab, FULL, torch.where(mag == ab, on_bound, 0)).to(torch.uint8)
+    on_bound = torch.where(ab > 0, tie, float(FULL))
+    return _code(torch.where(mag < ab, float(FULL), torch.where(mag == ab, on_bound, 0.0)))
 
 
-def _signed_body(x: Tensor, a: Tensor, scale: Tensor, inv: Tensor, n: int, tie: int, with_mask: bool):
-    """``fake-quant(clamp(x, -a, a))`` on ``[-n, n]`` and its mask."""
+def _signed_body(x: Tensor, a: Tensor, n: Tensor, tie: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
+    """``fake-quant(clamp(x, -a, a))`` on ``[-n, n]`` (and its mask, ``tie`` on a bound)."""
     xf, ab = x.float(), a.to(x.dtype).float()
-    out = _grid_values(torch.minimum(torch.maximum(xf, -ab), ab), scale, inv, -n, n).to(x.dtype)
-    return out, (_symmetric_mask(xf, ab, tie) if with_mask else None)
+    out = _grid_values(torch.minimum(torch.maximum(xf, -ab), ab), a, n, True).to(x.dtype)
+    return (out, _symmetric_mask(xf, ab, tie)) if with_mask else (out,)
 
 
-def _clip_body(x: Tensor, a: Tensor, with_mask: bool):
-    """``clamp(x, -a, a)`` alone (Scale-Clip without quantization) and its mask."""
+def _clip_body(x: Tensor, a: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
+    """``clamp(x, -a, a)`` alone (Scale-Clip without quantization) (and its mask)."""
     ab = a.to(x.dtype)
     out = torch.minimum(torch.maximum(x, -ab), ab)
-    return out, (_symmetric_mask(x.float(), ab.float(), HALF) if with_mask else None)
+    return (out, _symmetric_mask(x.float(), ab.float(), torch.full_like(ab, HALF, dtype=torch.float32))) if with_mask else (out,)
 
 
-def _unsigned_body(x: Tensor, a: Tensor, scale: Tensor, inv: Tensor, n: int, tie: int, with_mask: bool):
-    """``fake-quant(minimum(relu(x), a))`` on ``[0, n]`` and its mask (nothing at ``x == 0``)."""
+def _unsigned_body(x: Tensor, a: Tensor, n: Tensor, tie: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
+    """``fake-quant(minimum(relu(x), a))`` on ``[0, n]`` (and its mask: nothing at ``x == 0``)."""
     xf, ab = x.float(), a.to(x.dtype).float()
-    out = _grid_values(torch.minimum(xf.clamp_min(0.0), ab), scale, inv, 0, n).to(x.dtype)
+    out = _grid_values(torch.minimum(xf.clamp_min(0.0), ab), a, n, False).to(x.dtype)
     if not with_mask:
-        return out, None
+        return (out,)
     on_bound = (xf == ab) & (ab > 0)
-    return out, torch.where((xf > 0) & (xf < ab), FULL, torch.where(on_bound, tie, 0)).to(torch.uint8)
+    return out, _code(torch.where((xf > 0) & (xf < ab), float(FULL), torch.where(on_bound, tie, 0.0)))
 
 
-def _hwgq_body(x: Tensor, step: Tensor, q_max: Tensor, n: int, clipped: bool, with_mask: bool):
+def _hwgq_body(x: Tensor, step: Tensor, n: Tensor, q_max: Tensor, *, clipped: bool, with_mask: bool) -> tuple[Tensor, ...]:
     """HWGQ ``where(x > 0, step * clamp(round(x / step), 1, n), 0)``, rounded to ``x``'s dtype
-    after each op as ATen rounds it; mask 1 on ``x > 0`` (and ``x <= q_max`` when clipped)."""
+    after each op as ATen rounds it (and its mask: ``x > 0``, and ``x <= q_max`` when clipped)."""
     xf, dt = x.float(), x.dtype
-    q = (torch.round((xf / step).to(dt).float()).clamp(1, n) * step).to(dt)
+    q = (torch.minimum(torch.round((xf / step).to(dt).float()).clamp_min(1.0), n) * step).to(dt)
     pos = xf > 0
     out = torch.where(pos, q, torch.zeros_like(q))
     if not with_mask:
-        return out, None
+        return (out,)
     keep = pos & (xf <= q_max) if clipped else pos
-    return out, torch.where(keep, FULL, 0).to(torch.uint8)
+    return out, _code(torch.where(keep, float(FULL), 0.0))
 
 
-def _sign_body(w: Tensor, a: Tensor, sign: bool) -> Tensor:
+def _sign_body(w: Tensor, a: Tensor, *, sign: bool) -> tuple[Tensor]:
     """``a * sign(w)`` (``sign(0) = +1``) or ``a * w``, per row ``[G, L]`` (or flat, one ``a``)."""
     wf = w.float()
-    return (torch.where(wf >= 0, a, -a) if sign else wf * a).to(w.dtype)
+    return ((torch.where(wf >= 0, a, -a) if sign else wf * a).to(w.dtype),)
 
 
-def _grad_body(g: Tensor, mask: Tensor, product: bool) -> Tensor:
+def _grad_body(g: Tensor, mask: Tensor, *, product: bool) -> tuple[Tensor]:
     """``g`` times the mask's factor; where the mask is 0, ``+0.0`` as torch's ``where`` (clamp's
     derivative) gives it, or with ``product`` the signed zero of ``g * 0`` (HWGQ's mask product)."""
-    scaled = g.float() * (mask.float() * 0.25)
-    return (scaled if product else torch.where(mask == 0, 0.0, scaled)).to(g.dtype)
+    factor = mask.float() * 0.25  # compared as floats: byte comparisons vectorise poorly
+    scaled = g.float() * factor
+    return ((scaled if product else torch.where(factor > 0, scaled, 0.0)).to(g.dtype),)
 
 
 # --- ops --------------------------------------------------------------------------------------
 
-def _grid(a: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Step ``max(a / n, 1e-8)`` and its float32 reciprocal, as ATen's kernels compute them."""
-    scale = (a / n).clamp_min_(MIN_SCALE)
-    return scale, torch.reciprocal(scale)
+@functools.lru_cache(maxsize=None)
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """A float32 scalar tensor on ``device``, made once (not copied to the device on every call)."""
+    return torch.tensor(value, dtype=torch.float32, device=device)
 
 
 def _no_mask(x: Tensor) -> Tensor:
@@ -218,12 +254,12 @@ def fake_quant(x: Tensor, alpha: Tensor, n: int, signed: bool, axis: Optional[in
     """
     xv, a = _grouped(x, alpha, axis)
     if n == 0:
-        out, mask = _run(_clip_body, xv, a, with_mask)
+        res = _run(_clip_body, xv, a, with_mask=with_mask)
     else:
-        scale, inv = _grid(a, n)
-        out, mask = _run(_signed_body if signed else _unsigned_body, xv, a, scale, inv, n, tie, with_mask)
+        body = _signed_body if signed else _unsigned_body
+        res = _run(body, xv, a, _scalar(n, x.device), _scalar(tie, x.device), with_mask=with_mask)
     grouped = xv.dim() > 1
-    return _shaped(out, x, grouped), (_no_mask(x) if mask is None else _shaped(mask, x, grouped))
+    return _shaped(res[0], x, grouped), (_shaped(res[1], x, grouped) if with_mask else _no_mask(x))
 
 
 @fake_quant.register_fake
@@ -243,9 +279,8 @@ def scale_clip_fake_quant(w: Tensor, k: Tensor, groups: int, n: int, with_mask: 
     t = (k * wv.abs().mean(dim=1)).float().reshape(-1, 1)
     if groups == 1:  # flat with a 0-dim threshold, as every per-tensor kernel runs
         wv, t = wv.reshape(-1), t.reshape(())
-    scale, inv = _grid(t, n)
-    out, mask = _run(_signed_body, wv, t, scale, inv, n, QUARTER, with_mask)
-    return out.reshape(w.shape), (_no_mask(w) if mask is None else mask.reshape(w.shape))
+    res = _run(_signed_body, wv, t, _scalar(n, w.device), _scalar(QUARTER, w.device), with_mask=with_mask)
+    return res[0].reshape(w.shape), (res[1].reshape(w.shape) if with_mask else _no_mask(w))
 
 
 @scale_clip_fake_quant.register_fake
@@ -256,10 +291,9 @@ def _(w, k, groups, n, with_mask):
 @torch.library.custom_op("gdrq::hwgq", mutates_args=())
 def hwgq(x: Tensor, step: float, n: int, clipped: bool, with_mask: bool) -> tuple[Tensor, Tensor]:
     """HWGQ forward (SPEC §4) and the mask of its ``relu`` / ``clipped`` backward."""
-    step_t = torch.tensor(step, dtype=torch.float32)  # CPU scalars: no copy to the device
-    q_max = torch.tensor(n * step, dtype=torch.float32)  # compared in float32, as ATen does
-    out, mask = _run(_hwgq_body, _flat(x), step_t, q_max, n, clipped, with_mask)
-    return _unflat(out, x), (_no_mask(x) if mask is None else _unflat(mask, x))
+    scalars = (_scalar(v, x.device) for v in (step, n, n * step))
+    res = _run(_hwgq_body, _flat(x), *scalars, clipped=clipped, with_mask=with_mask)
+    return _unflat(res[0], x), (_unflat(res[1], x) if with_mask else _no_mask(x))
 
 
 @hwgq.register_fake
@@ -273,7 +307,7 @@ def scaled_rows(w: Tensor, alpha: Tensor, sign: bool) -> Tensor:
     gradient) for ``G = alpha.numel()`` contiguous row groups of ``w``."""
     g = alpha.numel()
     wv, a = (w.reshape(-1), alpha.float().reshape(())) if g == 1 else (w.reshape(g, -1), alpha.float().reshape(-1, 1))
-    return _run(_sign_body, wv, a, sign).reshape(w.shape)
+    return _run(_sign_body, wv, a, sign=sign)[0].reshape(w.shape)
 
 
 @scaled_rows.register_fake
@@ -289,7 +323,7 @@ def masked_grad(grad: Tensor, mask: Tensor, product: bool) -> Tensor:
         raise RuntimeError("gdrq kernels: backward without a mask (the forward ran without one)")
     if _channels_last(mask) != _channels_last(grad) or not grad.is_contiguous(memory_format=_format(mask)):
         grad = grad.contiguous(memory_format=_format(mask))
-    return _unflat(_run(_grad_body, _flat(grad), _flat(mask), product), mask)
+    return _unflat(_run(_grad_body, _flat(grad), _flat(mask), product=product)[0], mask)
 
 
 def _format(t: Tensor) -> torch.memory_format:
@@ -301,15 +335,16 @@ def _(grad, mask, product):
     return _empty_like(mask, grad.dtype)
 
 
-def _mask_backward(ctx, grad: Tensor, _grad_mask: Tensor | None):
+def _mask_backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None):
     (mask,) = ctx.saved_tensors
-    return (masked_grad(grad, mask, ctx.product),) + (None,) * (ctx.num_inputs - 1)
+    return (None if grad is None else masked_grad(grad, mask, ctx.product),) + (None,) * (ctx.num_inputs - 1)
 
 
 def _saving_mask(product: bool) -> Callable:
     def setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(output[1])
         ctx.num_inputs, ctx.product = len(inputs), product
+        ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask output
 
     return setup_context
 

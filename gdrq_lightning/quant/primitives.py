@@ -86,10 +86,9 @@ def fake_quant_signed(x: Tensor, alpha: Tensor, bits: int, axis: int | None = No
     Computes what the fused ATen kernel computes (``round(x * (1/s)) * s``), so 8 bits
     equals ``torch.fake_quantize_per_tensor_affine(x, alpha/127, 0, -127, 127)`` exactly.
     """
-    alpha = alpha.detach().float()
     if not K.fast_ok(x):
-        return _reference_fake_quant(x, alpha, bits, axis, signed=True)
-    return K.fake_quant(x, alpha, signed_levels(bits), True, axis, K.HALF, K.needs_grad(x))[0]
+        return _reference_fake_quant(x, alpha.detach().float(), bits, axis, signed=True)
+    return K.fake_quant(x, alpha.float(), signed_levels(bits), True, axis, K.HALF, K.needs_grad(x))[0]
 
 
 def fake_quant_unsigned(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
@@ -98,10 +97,9 @@ def fake_quant_unsigned(x: Tensor, alpha: Tensor, bits: int, axis: int | None = 
     Gradient: identity on ``(0, alpha)``, half at ``x == alpha`` and zero at ``x == 0``
     (the derivatives torch gives ``clamp_min`` and ``minimum``), zero outside (``alpha`` detached).
     """
-    alpha = alpha.detach().float()
     if not K.fast_ok(x):
-        return _reference_fake_quant(x, alpha, bits, axis, signed=False)
-    return K.fake_quant(x, alpha, unsigned_levels(bits), False, axis, K.HALF, K.needs_grad(x))[0]
+        return _reference_fake_quant(x, alpha.detach().float(), bits, axis, signed=False)
+    return K.fake_quant(x, alpha.float(), unsigned_levels(bits), False, axis, K.HALF, K.needs_grad(x))[0]
 
 
 def relu_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
@@ -281,12 +279,12 @@ def best_clip_factor(grid: Tensor, errors: Tensor) -> Tensor:
     last = len(grid) - 1
     i = torch.argmin(errors)
     near = i.clamp(1, last - 1) + torch.arange(-1, 2, device=errors.device)  # i and its neighbours
-    x0, x1, x2 = torch.log(grid[near].double()).unbind()
-    y0, y1, y2 = errors[near].unbind()
+    x0, x1, x2 = torch.log(grid.index_select(0, near).double()).unbind()
+    y0, y1, y2 = errors.index_select(0, near).unbind()
     den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
     vertex = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / den
     refined = torch.exp(torch.minimum(torch.maximum(vertex, x0), x2).float())
-    return torch.where((i == 0) | (i == last) | (den == 0), grid[i], refined)
+    return torch.where((i == 0) | (i == last) | (den == 0), grid.index_select(0, i.reshape(1))[0], refined)
 
 
 def sample_columns(xv: Tensor, limit: int) -> Tensor:
