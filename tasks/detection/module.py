@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
-from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
 from tasks.weights import load_weights
 
 from .evaluator import COCOEvaluator
@@ -59,6 +59,7 @@ class DetectionModule(TaskModule):
             (see :meth:`load_starting_weights`).
         pretrained_backbone: local file with torchvision classification weights of the
             backbone, loaded in ``setup`` too (before ``pretrained``).
+        compile: ``torch.compile`` the network in ``setup`` (see :class:`tasks.common.TaskModule`).
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known ones) or bad sizes.
@@ -91,8 +92,9 @@ class DetectionModule(TaskModule):
         warmup_steps: int = 0,
         pretrained: str | None = None,
         pretrained_backbone: str | None = None,
+        compile: CompileOption = False,  # noqa: A002
     ) -> None:
-        super().__init__()
+        super().__init__(compile=compile)
         self.save_hyperparameters()
         if arch not in ARCHS:
             raise ValueError(f"arch={arch!r} is not one of: {', '.join(sorted(ARCHS))}")

@@ -248,16 +248,14 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
     def finish_calibration(self, errors: Tensor, reduce: bool = False) -> None:
         """Set ``k`` from summed errors (``reduce``: first sum them over the DDP ranks).
 
-        A layer that saw nothing keeps its ``k`` and, run eagerly, calibrates again on its next
-        batch; inside a compiled graph it keeps that ``k`` (reading ``seen`` would break the graph).
+        A layer that saw nothing keeps its ``k`` (and ``k_calibrated`` stays false), decided on the
+        device: no host sync, so this traces into a compiled graph.
         """
         self._calib = None
         if reduce:
             reduce_(errors, "sum")
-        seen = errors.sum() > 0
         grid = P.clip_factor_grid("mean" if self.scale_clip else "max", errors.device)
-        self._set_k(P.best_clip_factor(grid, errors), seen)
-        self._k_ready = torch.compiler.is_compiling() or bool(seen)
+        self._set_k(P.best_clip_factor(grid, errors), seen=errors.sum() > 0)
 
     @torch.no_grad()
     def _observe(self, y: Tensor) -> None:
