@@ -15,10 +15,11 @@ Why they exist:
 * custom ops carry fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces a
   quantized model in one graph with dynamic shapes, and the meta device counts one op each.
 
-Exactness: bodies use only comparisons, ``min`` / ``max``, products, ``round`` and integer
-casts, which every backend computes exactly; quotients (grid steps) are taken by ATen in the
-op before the kernel. The int32 round trip turns the ``-0.0`` that ``round`` keeps into the
-``+0.0`` ATen's kernels return (an ``+ 0.0`` would be folded away by a compiler).
+Exactness: bodies use only comparisons, ``min`` / ``max``, products, sums of small integers,
+``round`` and (HWGQ's) element-wise quotient, which every backend computes exactly (Triton's
+division is asked to round correctly); the per-group grid steps are taken by ATen in the op
+before the kernel. ``-0.0`` from ``round`` becomes ATen's ``+0.0`` in the kernels (see
+:func:`_grid_values`).
 ``bfloat16`` / ``float16`` inputs are computed in float32, with the clip bound rounded to the
 input's dtype as ``torch.clamp`` rounds it, and return their own dtype.
 
@@ -154,17 +155,14 @@ def _shaped(res: Tensor, x: Tensor, grouped: bool) -> Tensor:
 
 # --- kernel bodies: pure element-wise math, compiled or run as they are ----------------------
 
-def _grid_values(xc: Tensor, a: Tensor, n: Tensor, signed: bool) -> Tensor:
-    """ATen's fake-quant of clamped float32 ``xc`` on the grid of ``a`` with ``n`` steps:
-    ``s * clamp(round(xc * (1 / s)), -n or 0, n)``, ``s = max(a / n, 1e-8)``.
+def _grid_values(xc: Tensor, scale: Tensor, inv: Tensor, n: Tensor, signed: bool) -> Tensor:
+    """ATen's fake-quant of clamped float32 ``xc``: ``scale * clamp(round(xc * inv), -n or 0, n)``.
 
-    ``n`` is a tensor, so one kernel serves every bit width (and a compiler cannot turn the
-    division by a constant into an inexact product). ``(q + n) - n`` is exact for these small
-    integers and turns ``round``'s ``-0.0`` into the ``+0.0`` ATen's integer cast gives
+    ``n`` is a tensor, so one kernel serves every bit width. ``(q + n) - n`` is exact for these
+    small integers and turns ``round``'s ``-0.0`` into the ``+0.0`` ATen's integer cast gives
     (compilers may fold ``+ 0.0``, not this).
     """
-    scale = (a / n).clamp_min(MIN_SCALE)
-    q = torch.round(xc * (torch.ones_like(scale) / scale))
+    q = torch.round(xc * inv)
     q = torch.minimum(torch.maximum(q, -n) if signed else q.clamp_min(0.0), n)
     return ((q + n) - n) * scale
 
@@ -181,10 +179,10 @@ def _symmetric_mask(xf: Tensor, ab: Tensor, tie: Tensor) -> Tensor:
     return _code(torch.where(mag < ab, float(FULL), torch.where(mag == ab, on_bound, 0.0)))
 
 
-def _signed_body(x: Tensor, a: Tensor, n: Tensor, tie: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
+def _signed_body(x: Tensor, a: Tensor, scale: Tensor, inv: Tensor, n: Tensor, tie: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
     """``fake-quant(clamp(x, -a, a))`` on ``[-n, n]`` (and its mask, ``tie`` on a bound)."""
     xf, ab = x.float(), a.to(x.dtype).float()
-    out = _grid_values(torch.minimum(torch.maximum(xf, -ab), ab), a, n, True).to(x.dtype)
+    out = _grid_values(torch.minimum(torch.maximum(xf, -ab), ab), scale, inv, n, True).to(x.dtype)
     return (out, _symmetric_mask(xf, ab, tie)) if with_mask else (out,)
 
 
@@ -195,10 +193,10 @@ def _clip_body(x: Tensor, a: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
     return (out, _symmetric_mask(x.float(), ab.float(), torch.full_like(ab, HALF, dtype=torch.float32))) if with_mask else (out,)
 
 
-def _unsigned_body(x: Tensor, a: Tensor, n: Tensor, tie: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
+def _unsigned_body(x: Tensor, a: Tensor, scale: Tensor, inv: Tensor, n: Tensor, tie: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
     """``fake-quant(minimum(relu(x), a))`` on ``[0, n]`` (and its mask: nothing at ``x == 0``)."""
     xf, ab = x.float(), a.to(x.dtype).float()
-    out = _grid_values(torch.minimum(xf.clamp_min(0.0), ab), a, n, False).to(x.dtype)
+    out = _grid_values(torch.minimum(xf.clamp_min(0.0), ab), scale, inv, n, False).to(x.dtype)
     if not with_mask:
         return (out,)
     on_bound = (xf == ab) & (ab > 0)
@@ -234,6 +232,14 @@ def _grad_body(g: Tensor, mask: Tensor, *, product: bool) -> tuple[Tensor]:
 
 # --- ops --------------------------------------------------------------------------------------
 
+def _grid(a: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Step ``max(a / n, 1e-8)`` and its reciprocal per group, by ATen as its kernels compute them:
+    quotients outside the kernels (a compiler may turn a division into an inexact product, and
+    would repeat a per-group division for every vector of elements)."""
+    scale = (a / n).clamp_min_(MIN_SCALE)
+    return scale, torch.reciprocal(scale)
+
+
 @functools.lru_cache(maxsize=None)
 def _scalar(value: float, device: torch.device) -> Tensor:
     """A float32 scalar tensor on ``device``, made once (not copied to the device on every call)."""
@@ -257,7 +263,7 @@ def fake_quant(x: Tensor, alpha: Tensor, n: int, signed: bool, axis: Optional[in
         res = _run(_clip_body, xv, a, with_mask=with_mask)
     else:
         body = _signed_body if signed else _unsigned_body
-        res = _run(body, xv, a, _scalar(n, x.device), _scalar(tie, x.device), with_mask=with_mask)
+        res = _run(body, xv, a, *_grid(a, n), _scalar(n, x.device), _scalar(tie, x.device), with_mask=with_mask)
     grouped = xv.dim() > 1
     return _shaped(res[0], x, grouped), (_shaped(res[1], x, grouped) if with_mask else _no_mask(x))
 
@@ -279,7 +285,7 @@ def scale_clip_fake_quant(w: Tensor, k: Tensor, groups: int, n: int, with_mask: 
     t = (k * wv.abs().mean(dim=1)).float().reshape(-1, 1)
     if groups == 1:  # flat with a 0-dim threshold, as every per-tensor kernel runs
         wv, t = wv.reshape(-1), t.reshape(())
-    res = _run(_signed_body, wv, t, _scalar(n, w.device), _scalar(QUARTER, w.device), with_mask=with_mask)
+    res = _run(_signed_body, wv, t, *_grid(t, n), _scalar(n, w.device), _scalar(QUARTER, w.device), with_mask=with_mask)
     return res[0].reshape(w.shape), (res[1].reshape(w.shape) if with_mask else _no_mask(w))
 
 
