@@ -8,14 +8,16 @@ consecutive steps per variant; the table shows the median over rounds, and the r
 FP32 as the median of the per-round ratios (paired, so drift between rounds cancels):
 eager rows against FP32 eager, compiled rows against FP32 compiled (and, last column, eager).
 
-Peak memory (``--memory``, on by default except with ``--quick``):
-  * cpu: each (model, variant) runs in a fresh subprocess; after building the model
-    the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), ``--mem-steps``
-    steps run, and the reported number is ``VmHWM - RSS before the first step``:
-    gradients, optimizer state, saved activations and allocator slack. Falls back to
-    ``ru_maxrss`` where ``clear_refs`` is not writable (then it is an upper bound).
-  * cuda: in process, ``torch.cuda.max_memory_allocated()`` minus the allocation
-    before the first step, after ``reset_peak_memory_stats()``.
+Peak memory (``--memory``, on by default except with ``--quick``) of the steady state: after
+warm-up steps (optimizer state exists, kernels are compiled, first-batch statistics are set),
+the peak over ``--mem-steps`` more steps above the memory in use before them: saved
+activations, gradients, temporaries.
+  * cpu: each (model, variant) runs in a fresh subprocess; the kernel's peak-RSS mark is
+    reset (``/proc/self/clear_refs``) and the number is ``VmHWM - RSS before the steps``
+    (allocator slack included). Falls back to ``ru_maxrss`` where ``clear_refs`` is not
+    writable (then it is an upper bound).
+  * cuda: in process, ``torch.cuda.max_memory_allocated()`` minus the allocation before the
+    steps, after ``reset_peak_memory_stats()``.
 
 Defaults: cpu: ResNet-18 and MobileNetV3-small, batch 32, 3x64x64, float32, eager; cuda:
 ResNet-18 and ResNet-50, batch 128, 3x224x224, bf16-mixed, eager and compiled.
@@ -203,18 +205,19 @@ def _peak_rss_bytes(reset_ok: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _variant_step(model_name: str, label: str, args: argparse.Namespace) -> Callable[[], None]:
+def _warm_step(model_name: str, label: str, args: argparse.Namespace) -> Callable[[], None]:
+    """The variant's step after warm-up steps (see the module docstring: steady-state memory)."""
     builder, compiled = variants(args)[label]
     x, y = make_batch(args)
     step = make_step(build(builder, model_name, args.device), x, y, args, compiled)
-    if compiled:
-        step()  # compile outside the measured window
+    for _ in range(3 if compiled else 1):
+        step()
     return step
 
 
 def memory_worker(args: argparse.Namespace) -> None:
     """Subprocess body: peak RSS growth over ``--mem-steps`` training steps, printed as JSON."""
-    step = _variant_step(*args.memory_worker, args)
+    step = _warm_step(*args.memory_worker, args)
     base = _rss_bytes()
     reset_ok = _reset_peak_rss()
     for _ in range(args.mem_steps):
@@ -227,7 +230,7 @@ def measure_memory(model_name: str, labels: list[str], args: argparse.Namespace)
     out: dict[str, float] = {}
     for label in labels:
         if args.device == "cuda":
-            step = _variant_step(model_name, label, args)
+            step = _warm_step(model_name, label, args)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     with open("/proc/loadavg") as f:
         print(f"\nloadavg at end {' '.join(f.read().split()[:3])}")
     if args.memory and args.device == "cpu":
-        print("peak mem = peak RSS growth of a fresh process over the first steps (grads, optimizer state, activations)")
+        print("peak mem = peak RSS growth over steps after a warm-up step, in a fresh process (activations, grads, temporaries)")
 
 
 if __name__ == "__main__":
