@@ -8,16 +8,16 @@ consecutive steps per variant; the table shows the median over rounds, and the r
 FP32 as the median of the per-round ratios (paired, so drift between rounds cancels):
 eager rows against FP32 eager, compiled rows against FP32 compiled (and, last column, eager).
 
-Peak memory (``--memory``, on by default except with ``--quick``) of the steady state: after
-warm-up steps (optimizer state exists, kernels are compiled, first-batch statistics are set),
-the peak over ``--mem-steps`` more steps above the memory in use before them: saved
-activations, gradients, temporaries.
-  * cpu: each (model, variant) runs in a fresh subprocess; the kernel's peak-RSS mark is
-    reset (``/proc/self/clear_refs``) and the number is ``VmHWM - RSS before the steps``
-    (allocator slack included). Falls back to ``ru_maxrss`` where ``clear_refs`` is not
-    writable (then it is an upper bound).
-  * cuda: in process, ``torch.cuda.max_memory_allocated()`` minus the allocation before the
-    steps, after ``reset_peak_memory_stats()``.
+Peak memory (``--memory``, on by default except with ``--quick``):
+  * cpu (eager rows): each (model, variant) runs in a fresh subprocess; a throw-away copy of the
+    model first runs one step on a batch of 2, so code loaded and kernels compiled on first use
+    are not counted; then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``),
+    ``--mem-steps`` steps run, and the number is ``VmHWM - RSS before the first step``:
+    gradients, optimizer state, saved activations and allocator slack. Falls back to
+    ``ru_maxrss`` where ``clear_refs`` is not writable (then it is an upper bound).
+  * cuda: in process, after warm-up steps, ``torch.cuda.max_memory_allocated()`` over
+    ``--mem-steps`` more steps minus the allocation before them (``reset_peak_memory_stats()``):
+    saved activations, gradients and temporaries.
 
 Defaults: cpu: ResNet-18 and MobileNetV3-small, batch 32, 3x64x64, float32, eager; cuda:
 ResNet-18 and ResNet-50, batch 128, 3x224x224, bf16-mixed, eager and compiled.
@@ -206,7 +206,7 @@ def _peak_rss_bytes(reset_ok: bool) -> int:
 
 
 def _warm_step(model_name: str, label: str, args: argparse.Namespace) -> Callable[[], None]:
-    """The variant's step after warm-up steps (see the module docstring: steady-state memory)."""
+    """The variant's step after warm-up steps (cuda memory: the steady state)."""
     builder, compiled = variants(args)[label]
     x, y = make_batch(args)
     step = make_step(build(builder, model_name, args.device), x, y, args, compiled)
@@ -217,7 +217,11 @@ def _warm_step(model_name: str, label: str, args: argparse.Namespace) -> Callabl
 
 def memory_worker(args: argparse.Namespace) -> None:
     """Subprocess body: peak RSS growth over ``--mem-steps`` training steps, printed as JSON."""
-    step = _warm_step(*args.memory_worker, args)
+    model_name, label = args.memory_worker
+    builder, _ = variants(args)[label]
+    x, y = make_batch(args)
+    make_step(build(builder, model_name, "cpu"), x[:2], y[:2], args, compiled=False)()  # loads code, builds kernels
+    step = make_step(build(builder, model_name, "cpu"), x, y, args, compiled=False)
     base = _rss_bytes()
     reset_ok = _reset_peak_rss()
     for _ in range(args.mem_steps):
@@ -229,6 +233,8 @@ def measure_memory(model_name: str, labels: list[str], args: argparse.Namespace)
     """Peak memory (bytes) per variant: subprocess RSS on cpu, allocator peak on cuda."""
     out: dict[str, float] = {}
     for label in labels:
+        if args.device == "cpu" and label.endswith(COMPILED):
+            continue  # a first step would count the compiler's own memory
         if args.device == "cuda":
             step = _warm_step(model_name, label, args)
             torch.cuda.synchronize()
@@ -274,8 +280,8 @@ def print_table(model_name: str, timing: dict[str, dict[str, float]], memory: di
         if compiled:
             row += f" {t['ratio_eager']:.2f}x |"
         if memory:
-            mem, fp = memory.get(label, float("nan")), memory.get("FP32", float("nan"))
-            row += f" {mem / 2**20:.0f} | {mem / fp:.2f}x |"
+            mem, fp = memory.get(label), memory.get("FP32", float("nan"))
+            row += " - | - |" if mem is None else f" {mem / 2**20:.0f} | {mem / fp:.2f}x |"
         print(row)
 
 
@@ -301,7 +307,8 @@ def main(argv: list[str] | None = None) -> None:
     with open("/proc/loadavg") as f:
         print(f"\nloadavg at end {' '.join(f.read().split()[:3])}")
     if args.memory and args.device == "cpu":
-        print("peak mem = peak RSS growth over steps after a warm-up step, in a fresh process (activations, grads, temporaries)")
+        print("peak mem = peak RSS growth of a fresh process over its first steps (grads, optimizer state, activations), "
+              "code and kernels loaded before; not measured for compiled rows")
 
 
 if __name__ == "__main__":

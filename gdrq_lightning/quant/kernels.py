@@ -216,6 +216,25 @@ def _hwgq_body(x: Tensor, step: Tensor, n: Tensor, q_max: Tensor, *, clipped: bo
     return out, _code(torch.where(keep, float(FULL), 0.0))
 
 
+def _learned_clip_body(x: Tensor, a: Tensor, s: Tensor, *, with_mask: bool) -> tuple[Tensor, ...]:
+    """``y = where(x >= a, a, relu(x))`` quantized with a straight-through ``y + (round(y / s) * s - y)``
+    (``s = max(a / n, 1e-8)`` from ATen), each op rounded to ``x``'s dtype as ATen rounds it; mask 4
+    where ``x`` gets the gradient (``0 < x < a``), 1 where ``a`` does (``x >= a``)."""
+    dt, xf, af, sf = x.dtype, x.float(), a.float(), s.float()
+    y = torch.where(xf >= af, af, xf.clamp_min(0.0))
+    q = (torch.round((y / sf).to(dt).float()) * sf).to(dt).float()
+    out = (y + (q - y).to(dt).float()).to(dt)
+    if not with_mask:
+        return (out,)
+    return out, _code(torch.where(xf >= af, 1.0, torch.where(xf > 0, float(FULL), 0.0)))
+
+
+def _learned_clip_grad_body(g: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradient for ``x`` (``+0.0`` where it has none) and, element-wise, for ``a``."""
+    gf = g.float()
+    return torch.where(mask == FULL, gf, 0.0).to(g.dtype), torch.where(mask == 1, gf, 0.0).to(g.dtype)
+
+
 def _sign_body(w: Tensor, a: Tensor, *, sign: bool) -> tuple[Tensor]:
     """``a * sign(w)`` (``sign(0) = +1``) or ``a * w``, per row ``[G, L]`` (or flat, one ``a``)."""
     wf = w.float()
@@ -339,6 +358,52 @@ def _format(t: Tensor) -> torch.memory_format:
 @masked_grad.register_fake
 def _(grad, mask, product):
     return _empty_like(mask, grad.dtype)
+
+
+@torch.library.custom_op("gdrq::learned_clip_fake_quant", mutates_args=())
+def learned_clip_fake_quant(x: Tensor, alpha: Tensor, n: int, with_mask: bool) -> tuple[Tensor, Tensor]:
+    """A learned clip ``alpha`` (a ``[1]`` or 0-dim tensor in ``x``'s dtype) after a ReLU, quantized
+    on ``n`` levels with a straight-through estimator; ``alpha`` gets the gradient of the clipped
+    elements, as ``torch.where(x >= alpha, alpha, relu(x))`` gives it."""
+    s = (alpha.detach() / n).clamp_min(MIN_SCALE)
+    res = _run(_learned_clip_body, _flat(x), alpha.reshape(()), s.reshape(()), with_mask=with_mask)
+    return _unflat(res[0], x), (_unflat(res[1], x) if with_mask else _no_mask(x))
+
+
+@learned_clip_fake_quant.register_fake
+def _(x, alpha, n, with_mask):
+    return _empty_like(x), _empty_like(x, torch.uint8) if with_mask else _no_mask(x)
+
+
+@torch.library.custom_op("gdrq::learned_clip_grad", mutates_args=())
+def learned_clip_grad(grad: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`learned_clip_fake_quant`: for ``x``, and for ``alpha`` element-wise
+    (the caller sums it to ``alpha``'s shape as autograd sums a broadcast)."""
+    grad = grad.contiguous(memory_format=_format(mask))
+    gx, ga = _run(_learned_clip_grad_body, _flat(grad), _flat(mask))
+    return _unflat(gx, mask), _unflat(ga, mask)
+
+
+@learned_clip_grad.register_fake
+def _(grad, mask):
+    return _empty_like(mask, grad.dtype), _empty_like(mask, grad.dtype)
+
+
+def _learned_clip_backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None):
+    if grad is None:
+        return None, None, None, None
+    (mask,) = ctx.saved_tensors
+    gx, ga = learned_clip_grad(grad, mask)
+    return gx, ga.sum_to_size(ctx.alpha_shape), None, None
+
+
+def _save_learned_clip(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output[1])
+    ctx.alpha_shape = inputs[1].shape
+    ctx.set_materialize_grads(False)
+
+
+learned_clip_fake_quant.register_autograd(_learned_clip_backward, setup_context=_save_learned_clip)
 
 
 def _mask_backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None):
