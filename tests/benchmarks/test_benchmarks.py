@@ -100,6 +100,7 @@ def test_fake_quant_throughput_quick_prints_both_tables(capsys: pytest.CaptureFi
     assert sum(r.startswith("| op ") for r in rows) == 2
     assert any(r.startswith("| ours WeightQuantizer") for r in rows)
     assert any(r.startswith("| ours ActQuantizer") for r in rows)
+    assert sum(r.startswith("| ours, kernels as ATen ops (GDRQ_KERNELS=eager)") for r in rows) == 2
     assert any(r.startswith("| torch fake_quantize_per_channel_affine") for r in rows)
 
 
