@@ -8,6 +8,8 @@ a kernel launch and every saved byte is device memory.
 """
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torchvision
@@ -65,6 +67,23 @@ def test_compiled_kernels_are_in_use_and_the_backend_is_validated() -> None:
     with pytest.raises(ValueError, match="kernel backend 'fast' is not one of: auto, eager"):
         with K.use_backend("fast"):
             pass
+
+
+def test_a_device_where_compiling_fails_falls_back_to_aten_ops_with_one_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_compiler(*args: object) -> None:
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(K, "_build", no_compiler)
+    monkeypatch.setattr(K, "_kernels", {})
+    monkeypatch.setattr(K, "_broken", set())
+    x = torch.randn(6, 5)
+    with pytest.warns(UserWarning, match="compiling for cpu failed .*no C\\+\\+ compiler.*running them as ATen ops"):
+        out = P.fake_quant_unsigned(x, torch.tensor(1.0), 4)
+    bits_equal(out, ref_unsigned(x, torch.tensor(1.0), 4, None))
+    assert K._broken == {"cpu"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per device, not on every call
+        P.fake_quant_unsigned(x, torch.tensor(1.0), 4)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
