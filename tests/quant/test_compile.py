@@ -87,12 +87,12 @@ def _ddp_worker(rank: int, store: str, out: str) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    model = block(QuantConfig(method="gdrq", groups=1, skip=[]))
+    model = block(QuantConfig(method="gdrq", groups=1, skip=[]), convs=1)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
     g = torch.Generator().manual_seed(rank)  # each rank its own data
     synced = []
-    for i in range(3):
+    for i in range(2):
         step(compiled, torch.randn(4, 3, 8 + i, 8, generator=g))
         synced.append(sync_statistics(model))
     state = torch.cat([v.reshape(-1).float() for k, v in model.state_dict().items() if "quantizer" in k])
@@ -110,7 +110,7 @@ def test_fullgraph_compile_under_ddp_keeps_quantizer_state_equal_across_ranks() 
         result = torch.load(out, weights_only=True)
     # the first batch reduces its statistic and k-search errors in the graph; later ones leave
     # them pending for the one collective of sync_statistics after the step
-    assert result["equal"] and result["synced"] == [0, 2, 2] and result["frames"] <= 4
+    assert result["equal"] and result["synced"] == [0, 1] and result["frames"] <= 4
 
 
 def test_task_compile_option_compiles_the_network_in_place() -> None:
