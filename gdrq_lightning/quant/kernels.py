@@ -44,6 +44,8 @@ FULL, HALF, QUARTER = 4, 2, 1  # mask codes: 4 x the gradient factor
 BACKENDS = ("auto", "eager")
 _OPTIONS = {"emulate_precision_casts": True, "eager_numerics.division_rounding": True}  # eager numerics on Triton
 _backend = os.environ.get("GDRQ_KERNELS", "auto")
+if _backend not in BACKENDS:
+    raise ValueError(f"GDRQ_KERNELS={_backend!r} is not one of: {', '.join(BACKENDS)}")
 _kernels: dict[tuple, Callable] = {}
 _broken: set[str] = set()  # device types where compiling failed once
 

@@ -86,6 +86,16 @@ def test_a_device_where_compiling_fails_falls_back_to_aten_ops_with_one_warning(
         P.fake_quant_unsigned(x, torch.tensor(1.0), 4)
 
 
+def test_gdrq_kernels_environment_variable_is_checked() -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GDRQ_KERNELS": "fast"}
+    res = subprocess.run([sys.executable, "-c", "import gdrq_lightning as g; g.QuantConfig()"], env=env, capture_output=True, text=True)
+    assert res.returncode != 0 and "GDRQ_KERNELS='fast' is not one of: auto, eager" in res.stderr
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_run_the_kernels_and_match_the_composition(dtype: torch.dtype) -> None:
     x = (torch.randn(4, 6, 5, 5) * 2).to(dtype)
