@@ -92,7 +92,9 @@ def test_gdrq_kernels_environment_variable_is_checked() -> None:
     import sys
 
     env = {**os.environ, "GDRQ_KERNELS": "fast"}
-    res = subprocess.run([sys.executable, "-c", "import gdrq_lightning as g; g.QuantConfig()"], env=env, capture_output=True, text=True)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout first
+    cmd = [sys.executable, "-c", "import gdrq_lightning as g; g.QuantConfig()"]
+    res = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
     assert res.returncode != 0 and "GDRQ_KERNELS='fast' is not one of: auto, eager" in res.stderr
 
 
