@@ -12,6 +12,9 @@ Each op runs forward and backward on a leaf tensor with a fixed upstream gradien
   (``relu`` + ``minimum`` + per-tensor fake-quant); ours, ``ActQuantizer`` (GDRQ A4, train
   mode: ReLU, EMA statistics, clip, quantize).
 
+Ours runs twice: with the fused kernels inductor compiles (the default) and with the same
+kernel bodies as ATen ops (``GDRQ_KERNELS=eager``, the fallback where compiling fails).
+
 GB/s counts the same nominal traffic for every op: read x + write y forward, read dy +
 write dx backward (``4 * numel * 4`` bytes), so GB/s is proportional to 1 / time; the
 ratio column is time / time of ``clone``. Ops run round-robin, the table shows medians.
@@ -25,12 +28,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 
 from gdrq_lightning import QuantConfig
 from gdrq_lightning.quant import ActQuantizer, WeightQuantizer
+from gdrq_lightning.quant import kernels
+
+Op = Union[Callable[[torch.Tensor], torch.Tensor], tuple[Callable[[torch.Tensor], torch.Tensor], str]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -46,15 +52,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def fwd_bwd(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+def fwd_bwd(op: Op, x: torch.Tensor, g: torch.Tensor) -> Callable[[], None]:
+    """Forward and backward of ``op``: a function, or ``(function, kernel backend)``."""
+    fn, backend = op if isinstance(op, tuple) else (op, "auto")
+
     def run() -> None:
         x.grad = None
-        fn(x).backward(g)
+        with kernels.use_backend(backend):
+            fn(x).backward(g)
 
     return run
 
 
-def weight_ops(shape: tuple[int, ...], groups: int) -> tuple[torch.Tensor, dict[str, Callable]]:
+def weight_ops(shape: tuple[int, ...], groups: int) -> tuple[torch.Tensor, dict[str, Op]]:
     torch.manual_seed(0)
     w = (torch.randn(shape) * 0.05).requires_grad_()
     c_out, n = shape[0], 7
@@ -75,10 +85,11 @@ def weight_ops(shape: tuple[int, ...], groups: int) -> tuple[torch.Tensor, dict[
         "torch fake_quantize_per_channel_affine": per_channel,
         "plain clamp + per-channel fake-quant (before)": plain,
         f"ours WeightQuantizer GDRQ W4 G={groups}": quantizer,
+        "ours, kernels as ATen ops (GDRQ_KERNELS=eager)": (quantizer, "eager"),
     }
 
 
-def act_ops(shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, Callable]]:
+def act_ops(shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, Op]]:
     torch.manual_seed(1)
     x = torch.randn(shape).requires_grad_()
     n, channels = 15, shape[1]
@@ -108,10 +119,11 @@ def act_ops(shape: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, Callable]]:
         "torch relu + fake_quantize_per_channel_affine": per_channel,
         "plain relu + clamp + per-tensor fake-quant (before)": plain,
         "ours ActQuantizer GDRQ A4 (ReLU, EMA, clip, quantize)": quantizer,
+        "ours, kernels as ATen ops (GDRQ_KERNELS=eager)": (quantizer, "eager"),
     }
 
 
-def measure(x: torch.Tensor, ops: dict[str, Callable], repeats: int) -> dict[str, float]:
+def measure(x: torch.Tensor, ops: dict[str, Op], repeats: int) -> dict[str, float]:
     g = torch.randn_like(x)
     runs = {name: fwd_bwd(fn, x, g) for name, fn in ops.items()}
     for run in runs.values():

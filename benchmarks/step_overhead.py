@@ -1,28 +1,37 @@
 """Training-step overhead of quantization-aware training: FP32 vs ours vs torch.ao vs Brevitas.
 
-One full training step = forward + cross-entropy + backward + SGD(momentum) step.
-All variants of a model live in ONE process and are timed round-robin (the order
-rotates every round), so a load spike on a shared machine hits every variant
-alike. Each round times ``--steps`` consecutive steps per variant; the table shows
-the median over rounds, and the ratio to FP32 as the median of the per-round
-ratios (paired, so drift between rounds cancels).
+One full training step = forward + cross-entropy + backward + SGD(momentum) step, in float32
+or under ``bf16-mixed`` autocast, eager and/or ``torch.compile``d. All variants of a model
+live in ONE process and are timed round-robin (the order rotates every round), so a load
+spike on a shared machine hits every variant alike. Each round times ``--steps``
+consecutive steps per variant; the table shows the median over rounds, and the ratio to
+FP32 as the median of the per-round ratios (paired, so drift between rounds cancels):
+eager rows against FP32 eager, compiled rows against FP32 compiled (and, last column, eager).
 
 Peak memory (``--memory``, on by default except with ``--quick``):
-  * cpu: each (model, variant) runs in a fresh subprocess; after building the model
-    the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``), ``--mem-steps``
-    steps run, and the reported number is ``VmHWM - RSS before the first step``:
+  * cpu (eager rows): each (model, variant) runs in a fresh subprocess; a throw-away copy of the
+    model first runs one step on a batch of 2, so code loaded and kernels compiled on first use
+    are not counted; then the kernel's peak-RSS mark is reset (``/proc/self/clear_refs``),
+    ``--mem-steps`` steps run, and the number is ``VmHWM - RSS before the first step``:
     gradients, optimizer state, saved activations and allocator slack. Falls back to
     ``ru_maxrss`` where ``clear_refs`` is not writable (then it is an upper bound).
-  * cuda: in process, ``torch.cuda.max_memory_allocated()`` minus the allocation
-    before the first step, after ``reset_peak_memory_stats()``.
+  * cuda: in process, after warm-up steps, ``torch.cuda.max_memory_allocated()`` over
+    ``--mem-steps`` more steps minus the allocation before them (``reset_peak_memory_stats()``):
+    saved activations, gradients and temporaries.
+
+Defaults: cpu: ResNet-18 and MobileNetV3-small, batch 32, 3x64x64, float32, eager; cuda:
+ResNet-18 and ResNet-50, batch 128, 3x224x224, bf16-mixed, eager and compiled.
 
 Usage:
     python benchmarks/step_overhead.py --threads 1 --batch 32 --size 64
+    python benchmarks/step_overhead.py --compile both --models resnet18      # + compiled rows
+    python benchmarks/step_overhead.py --device cuda --batch 256 --models resnet50
     python benchmarks/step_overhead.py --quick
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -31,6 +40,7 @@ import subprocess
 import sys
 import time
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -39,13 +49,24 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import baselines  # noqa: E402
 
+MODELS = baselines.MODELS + ("resnet50",)
+DEFAULTS = {  # device -> models, batch, size, precision, compile
+    "cpu": (["resnet18", "mobilenet_v3_small"], 32, 64, "32", "off"),
+    "cuda": (["resnet18", "resnet50"], 128, 224, "bf16-mixed", "both"),
+}
+COMPILED = " (compiled)"
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--models", nargs="+", default=list(baselines.MODELS), choices=baselines.MODELS)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--size", type=int, default=64, help="input side length (3 x size x size)")
+    p.add_argument("--models", nargs="+", choices=MODELS, help="default: see the module docstring")
+    p.add_argument("--batch", type=int)
+    p.add_argument("--size", type=int, help="input side length (3 x size x size)")
+    p.add_argument("--precision", choices=("32", "bf16-mixed"), help="float32, or bf16 autocast as Lightning's bf16-mixed")
+    p.add_argument("--compile", choices=("off", "on", "both"), help="eager rows, compiled rows, or both")
+    p.add_argument("--backend", default="inductor", help="torch.compile backend of the compiled rows")
+    p.add_argument("--variants", nargs="+", help="only the variants whose label contains one of these (FP32 always runs)")
     p.add_argument("--groups", type=int, default=8, help="GDRQ weight groups G (divides every layer here)")
     p.add_argument("--repeats", type=int, default=15, help="round-robin rounds")
     p.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
@@ -57,12 +78,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny smoke run: batch 2, 16x16, 2 rounds, no memory")
     p.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "VARIANT"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is available")
+    models, batch, size, precision, compile_ = DEFAULTS[args.device]
+    args.models = args.models or models
+    args.batch, args.size = args.batch or batch, args.size or size
+    args.precision, args.compile = args.precision or precision, args.compile or compile_
     if args.quick:
         args.batch, args.size, args.repeats, args.steps, args.warmup = 2, 16, 2, 1, 1
     if args.memory is None:
         args.memory = not args.quick
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA device is available")
     return args
 
 
@@ -73,14 +98,18 @@ def make_batch(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(args.device), y.to(args.device)
 
 
-def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """A closure running one full training step of ``model``."""
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace, compiled: bool) -> Callable[[], None]:
+    """A closure running one full training step of ``model`` (compiled: through ``torch.compile``)."""
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    forward = torch.compile(model, backend=args.backend) if compiled else model
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.precision == "bf16-mixed" else contextlib.nullcontext()
+        with autocast:
+            loss = F.cross_entropy(forward(x), y)
+        loss.backward()
         opt.step()
 
     return step
@@ -91,21 +120,43 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def build(label: str, model_name: str, groups: int, device: str) -> nn.Module:
+def variants(args: argparse.Namespace) -> dict[str, tuple[Callable[[str], nn.Module], bool]]:
+    """Row label -> (builder(model_name), compiled)."""
+    builders = baselines.step_variants(args.groups)
+    if args.variants:
+        builders = {k: v for k, v in builders.items() if k == "FP32" or any(s in k for s in args.variants)}
+    modes = {"off": [False], "on": [True], "both": [False, True]}[args.compile]
+    return {label + (COMPILED if c else ""): (build, c) for c in modes for label, build in builders.items()}
+
+
+def build(builder: Callable[[str], nn.Module], model_name: str, device: str) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return baselines.step_variants(groups)[label](model_name).to(device)
+        return builder(model_name).to(device)
+
+
+def ready_steps(model_name: str, args: argparse.Namespace) -> dict[str, Callable[[], None]]:
+    """Every variant's step, built and warmed up (compiled rows compile here); a variant that
+    cannot run this model or mode is left out with a note."""
+    x, y = make_batch(args)
+    steps = {}
+    for label, (builder, compiled) in variants(args).items():
+        try:
+            step = make_step(build(builder, model_name, args.device), x, y, args, compiled)
+            for _ in range(max(args.warmup, 3 if compiled else 0)):  # compiled: the first-batch flags recompile once
+                step()
+        except Exception as err:  # e.g. no torch.ao quantizable model, or a compile failure
+            print(f"note: {label} skipped on {model_name}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+            continue
+        steps[label] = step
+    sync(args.device)
+    return steps
 
 
 def time_model(model_name: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Median ms/step and median paired ratio to FP32 for every variant of one model."""
-    x, y = make_batch(args)
-    labels = list(baselines.step_variants(args.groups))
-    steps = {label: make_step(build(label, model_name, args.groups, args.device), x, y) for label in labels}
-    for step in steps.values():
-        for _ in range(args.warmup):
-            step()
-    sync(args.device)
+    """Median ms/step and median paired ratios to FP32 (same mode, and eager) for every variant."""
+    steps = ready_steps(model_name, args)
+    labels = list(steps)
     times: dict[str, list[float]] = {label: [] for label in labels}
     for r in range(args.repeats):
         order = labels[r % len(labels):] + labels[: r % len(labels)]
@@ -116,12 +167,16 @@ def time_model(model_name: str, args: argparse.Namespace) -> dict[str, dict[str,
                 steps[label]()
             sync(args.device)
             times[label].append((time.perf_counter() - t0) / args.steps * 1e3)
-    fp = times["FP32"]
+
+    def ratio(t: list[float], ref: str) -> float:
+        return statistics.median([a / b for a, b in zip(t, times[ref])]) if ref in times else float("nan")
+
     return {
         label: {
             "ms": statistics.median(t),
             "min": min(t),
-            "ratio": statistics.median([a / b for a, b in zip(t, fp)]),
+            "ratio": ratio(t, "FP32" + (COMPILED if label.endswith(COMPILED) else "")),
+            "ratio_eager": ratio(t, "FP32"),
         }
         for label, t in times.items()
     }
@@ -150,11 +205,23 @@ def _peak_rss_bytes(reset_ok: bool) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _warm_step(model_name: str, label: str, args: argparse.Namespace) -> Callable[[], None]:
+    """The variant's step after warm-up steps (cuda memory: the steady state)."""
+    builder, compiled = variants(args)[label]
+    x, y = make_batch(args)
+    step = make_step(build(builder, model_name, args.device), x, y, args, compiled)
+    for _ in range(3 if compiled else 1):
+        step()
+    return step
+
+
 def memory_worker(args: argparse.Namespace) -> None:
     """Subprocess body: peak RSS growth over ``--mem-steps`` training steps, printed as JSON."""
     model_name, label = args.memory_worker
+    builder, _ = variants(args)[label]
     x, y = make_batch(args)
-    step = make_step(build(label, model_name, args.groups, "cpu"), x, y)
+    make_step(build(builder, model_name, "cpu"), x[:2], y[:2], args, compiled=False)()  # loads code, builds kernels
+    step = make_step(build(builder, model_name, "cpu"), x, y, args, compiled=False)
     base = _rss_bytes()
     reset_ok = _reset_peak_rss()
     for _ in range(args.mem_steps):
@@ -162,13 +229,14 @@ def memory_worker(args: argparse.Namespace) -> None:
     print(json.dumps({"peak_bytes": _peak_rss_bytes(reset_ok) - base, "hwm_reset": reset_ok}))
 
 
-def measure_memory(model_name: str, args: argparse.Namespace) -> dict[str, float]:
+def measure_memory(model_name: str, labels: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Peak memory (bytes) per variant: subprocess RSS on cpu, allocator peak on cuda."""
     out: dict[str, float] = {}
-    for label in baselines.step_variants(args.groups):
+    for label in labels:
+        if args.device == "cpu" and label.endswith(COMPILED):
+            continue  # a first step would count the compiler's own memory
         if args.device == "cuda":
-            x, y = make_batch(args)
-            step = make_step(build(label, model_name, args.groups, "cuda"), x, y)
+            step = _warm_step(model_name, label, args)
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
@@ -181,7 +249,8 @@ def measure_memory(model_name: str, args: argparse.Namespace) -> dict[str, float
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-worker", model_name, label,
                "--batch", str(args.batch), "--size", str(args.size), "--groups", str(args.groups),
-               "--mem-steps", str(args.mem_steps)]
+               "--mem-steps", str(args.mem_steps), "--precision", args.precision, "--compile", args.compile,
+               "--backend", args.backend]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -194,8 +263,12 @@ def measure_memory(model_name: str, args: argparse.Namespace) -> dict[str, float
 
 
 def print_table(model_name: str, timing: dict[str, dict[str, float]], memory: dict[str, float] | None) -> None:
+    compiled = any(label.endswith(COMPILED) for label in timing)
     head = "| variant | ms/step (median) | ms/step (min) | step ratio vs FP32 |"
     rule = "|---|---:|---:|---:|"
+    if compiled:
+        head += " vs FP32 eager |"
+        rule += "---:|"
     if memory:
         head += " peak mem (MiB) | mem ratio vs FP32 |"
         rule += "---:|---:|"
@@ -204,9 +277,11 @@ def print_table(model_name: str, timing: dict[str, dict[str, float]], memory: di
     print(rule)
     for label, t in timing.items():
         row = f"| {label} | {t['ms']:.1f} | {t['min']:.1f} | {t['ratio']:.2f}x |"
+        if compiled:
+            row += f" {t['ratio_eager']:.2f}x |"
         if memory:
-            mem, fp = memory.get(label, float("nan")), memory.get("FP32", float("nan"))
-            row += f" {mem / 2**20:.0f} | {mem / fp:.2f}x |"
+            mem, fp = memory.get(label), memory.get("FP32", float("nan"))
+            row += " - | - |" if mem is None else f" {mem / 2**20:.0f} | {mem / fp:.2f}x |"
         print(row)
 
 
@@ -221,18 +296,19 @@ def main(argv: list[str] | None = None) -> None:
         load = " ".join(f.read().split()[:3])
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({os.cpu_count()} cores)"
     print(f"# step overhead: device={device}, threads={torch.get_num_threads()}, batch={args.batch}, "
-          f"input=3x{args.size}x{args.size}, rounds={args.repeats} x {args.steps} steps, warm-up {args.warmup}, "
-          f"torch {torch.__version__}, loadavg at start {load}")
+          f"input=3x{args.size}x{args.size}, precision={args.precision}, compile={args.compile} ({args.backend}), "
+          f"rounds={args.repeats} x {args.steps} steps, warm-up {args.warmup}, torch {torch.__version__}, loadavg at start {load}")
     if not baselines.brevitas_available():
         print(baselines.BREVITAS_MISSING)
     for model_name in args.models:
         timing = time_model(model_name, args)
-        memory = measure_memory(model_name, args) if args.memory else None
+        memory = measure_memory(model_name, list(timing), args) if args.memory else None
         print_table(model_name, timing, memory)
     with open("/proc/loadavg") as f:
         print(f"\nloadavg at end {' '.join(f.read().split()[:3])}")
     if args.memory and args.device == "cpu":
-        print("peak mem = peak RSS growth of a fresh process over the first steps (grads, optimizer state, activations)")
+        print("peak mem = peak RSS growth of a fresh process over its first steps (grads, optimizer state, activations), "
+              "code and kernels loaded before; not measured for compiled rows")
 
 
 if __name__ == "__main__":

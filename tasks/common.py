@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +20,7 @@ from gdrq_lightning.quant.distributed import reduce_, world_size
 
 OptimizerName = Literal["sgd", "adamw"]
 SchedulerName = Literal["cosine", "poly", "none"]
+CompileOption = Union[bool, dict[str, Any]]  # true, or keyword arguments of torch.compile
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -108,13 +109,20 @@ class TaskModule(pl.LightningModule):
     Starting weights load in :meth:`load_pretrained`, once, from ``setup``: after the
     quantization callback's swap and before Lightning restores a ``ckpt_path``.
     Subclasses say what to load in :meth:`load_starting_weights`.
+
+    Args:
+        compile: ``torch.compile`` the network in ``setup`` (``true``, or a mapping of
+            ``torch.compile`` keyword arguments, e.g. ``{mode: max-autotune}``).
     """
 
     model: nn.Module
 
-    def __init__(self) -> None:
+    def __init__(self, compile: CompileOption = False) -> None:  # noqa: A002 (the CLI's name)
         super().__init__()
+        if not isinstance(compile, (bool, dict)):
+            raise ValueError(f"compile={compile!r} must be true, false or a mapping of torch.compile arguments")
         self._pretrained_loaded = False
+        self._compile = compile
 
     def quant_network(self) -> nn.Module:
         return self.model
@@ -140,6 +148,15 @@ class TaskModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.load_pretrained()
+        self.compile_network()
+
+    def compile_network(self) -> None:
+        """With ``compile``: compile ``self.model`` in place, once, after the quantization callback's
+        swap (so the quantizers are in the graph; a phase switch recompiles once). In place
+        (``nn.Module.compile``), so checkpoint keys do not change."""
+        if self._compile is False or getattr(self.model, "_compiled_call_impl", None) is not None:
+            return
+        self.model.compile(**({} if self._compile is True else self._compile))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """Weights from a checkpoint replace the starting weights: ``setup`` then loads none."""

@@ -2,8 +2,8 @@
 Scale-Clip thresholds (§2), group statistics (§3), binary weights and STEs.
 
 Everything here is a function of tensors; no ``nn.Module``, no config. A method's own math
-lives in its own module under :mod:`.methods`. Float32 inputs run
-the fused kernels of :mod:`.kernels`; other dtypes the plain composition below, which the
+lives in its own module under :mod:`.methods`. Float32, bfloat16 and float16 inputs run
+the fused ops of :mod:`.kernels`; other dtypes the plain composition below, which the
 kernels reproduce bit for bit. Shapes: ``alpha`` tensors are scalars or per-group ``[G]``
 vectors along an explicit ``axis`` (groups are contiguous channel blocks).
 
@@ -86,13 +86,9 @@ def fake_quant_signed(x: Tensor, alpha: Tensor, bits: int, axis: int | None = No
     Computes what the fused ATen kernel computes (``round(x * (1/s)) * s``), so 8 bits
     equals ``torch.fake_quantize_per_tensor_affine(x, alpha/127, 0, -127, 127)`` exactly.
     """
-    alpha = alpha.detach().float()
     if not K.fast_ok(x):
-        return _reference_fake_quant(x, alpha, bits, axis, signed=True)
-    if not K.needs_grad(x):
-        xv, a = K.grouped(x, alpha, axis)
-        return K.quantize(xv, a, signed_levels(bits), signed=True).reshape(x.shape)
-    return K.ClipFakeQuant.apply(x, alpha, signed_levels(bits), axis, True)
+        return _reference_fake_quant(x, alpha.detach().float(), bits, axis, signed=True)
+    return K.fake_quant(x, alpha.float(), signed_levels(bits), True, axis, K.HALF, K.needs_grad(x))[0]
 
 
 def fake_quant_unsigned(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
@@ -101,36 +97,22 @@ def fake_quant_unsigned(x: Tensor, alpha: Tensor, bits: int, axis: int | None = 
     Gradient: identity on ``(0, alpha)``, half at ``x == alpha`` and zero at ``x == 0``
     (the derivatives torch gives ``clamp_min`` and ``minimum``), zero outside (``alpha`` detached).
     """
-    alpha = alpha.detach().float()
     if not K.fast_ok(x):
-        return _reference_fake_quant(x, alpha, bits, axis, signed=False)
-    if not K.needs_grad(x):
-        xv, a = K.grouped(x, alpha, axis)
-        return K.quantize(xv, a, unsigned_levels(bits), signed=False).reshape(x.shape)
-    return K.ClipFakeQuant.apply(x, alpha, unsigned_levels(bits), axis, False)
+        return _reference_fake_quant(x, alpha.detach().float(), bits, axis, signed=False)
+    return K.fake_quant(x, alpha.float(), unsigned_levels(bits), False, axis, K.HALF, K.needs_grad(x))[0]
 
 
-def relu_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None, relu_out: Tensor | None = None) -> Tensor:
-    """``fake_quant_unsigned(torch.relu(x), alpha, bits, axis)`` as one autograd node,
-    with the gradient of that composition for ``x``.
-
-    ``relu_out``: ``torch.relu(x)`` if the caller computed it already (for statistics);
-    its memory is reused for the result, so the caller must not read it afterwards.
-    """
-    alpha = alpha.detach().float()
+def relu_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
+    """``fake_quant_unsigned(torch.relu(x), alpha, bits, axis)`` as one op, with the gradient of
+    that composition for ``x`` (the ReLU's mask is the quantizer's: nothing at or below 0)."""
     if not K.fast_ok(x):
-        return _reference_fake_quant(torch.relu(x), alpha, bits, axis, signed=False)
-    n = unsigned_levels(bits)
-    if not K.needs_grad(x):
-        xv, a = K.grouped(x, alpha, axis)
-        out = None if relu_out is None else relu_out.detach().reshape(xv.shape)
-        return K.quantize(xv, a, n, signed=False, out=out).reshape(x.shape)
-    return K.ReluFakeQuant.apply(x, alpha, n, axis, [relu_out])  # in a list: not an autograd input
+        return _reference_fake_quant(torch.relu(x), alpha.detach().float(), bits, axis, signed=False)
+    return fake_quant_unsigned(x, alpha, bits, axis)
 
 
-def scale_clip_fake_quant(w: Tensor, groups: int, k: float, bits: int) -> Tensor:
+def scale_clip_fake_quant(w: Tensor, groups: int, k: Tensor | float, bits: int) -> Tensor:
     """GDRQ weights: ``fake_quant_signed(clip_symmetric(w, T), T, bits, axis=0)`` with
-    ``T = scale_clip_threshold(w, groups, k)``, as one node.
+    ``T = scale_clip_threshold(w, groups, k)``, as one op.
 
     Gradient: identity where ``|w| < T_g``, zero where clipped (a weight exactly on ``T_g``
     gets a quarter: two clamps at the same bound, as the composition gives).
@@ -138,11 +120,8 @@ def scale_clip_fake_quant(w: Tensor, groups: int, k: float, bits: int) -> Tensor
     if not K.fast_ok(w):
         t = scale_clip_threshold(w, groups, k)
         return _reference_fake_quant(clip_symmetric(w, t), t.float(), bits, 0, signed=True)
-    if not K.needs_grad(w):
-        wv = w.detach().reshape(groups, -1)
-        t = (k * wv.abs().mean(dim=1)).reshape(-1, 1)  # == scale_clip_threshold(w, groups, k)
-        return K.quantize(wv, t, signed_levels(bits), signed=True).reshape(w.shape)
-    return K.ScaleClipFakeQuant.apply(w, groups, float(k), signed_levels(bits))
+    k = k if isinstance(k, Tensor) else torch.tensor(float(k), device=w.device)
+    return K.scale_clip_fake_quant(w, k, groups, signed_levels(bits), K.needs_grad(w))[0]
 
 
 def _expand_channels(v: Tensor, channels: int) -> Tensor:
@@ -168,7 +147,7 @@ def expand_bshape(v: Tensor, x: Tensor, axis: int | None) -> Tensor:
 
 
 def _reference_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None, signed: bool) -> Tensor:
-    """The plain composition (clamp / minimum, then the ATen kernel), for non-float32 inputs."""
+    """The plain composition (clamp / minimum, then the ATen kernel), for dtypes the kernels skip."""
     if signed:
         n = signed_levels(bits)
         a = expand_bshape(alpha, x, axis)
@@ -213,7 +192,7 @@ def group_abs_max(w: Tensor, groups: int) -> Tensor:
     return w.detach().abs().reshape(groups, -1).amax(dim=1)
 
 
-def scale_clip_threshold(w: Tensor, groups: int, k: float) -> Tensor:
+def scale_clip_threshold(w: Tensor, groups: int, k: Tensor | float) -> Tensor:
     """Scale-Clip weight threshold ``T_g = k * mean(|W_g|)`` (detached), shape ``[G]``."""
     return k * group_abs_mean(w, groups)
 
@@ -224,7 +203,7 @@ def clip_symmetric(w: Tensor, threshold: Tensor, axis: int = 0) -> Tensor:
     if not K.fast_ok(w) or t.dtype != w.dtype:
         t = expand_bshape(t, w, axis)
         return torch.clamp(w, -t, t)
-    return K.SymmetricClip.apply(w, t, axis)
+    return K.fake_quant(w, t, 0, True, axis, K.HALF, K.needs_grad(w))[0]
 
 
 class BinarizeSTE(torch.autograd.Function):
@@ -243,7 +222,7 @@ def binarize(w: Tensor, groups: int) -> Tensor:
     """Binary weights ``alpha_g * sign(w)``, ``alpha_g = mean(|w_g|)`` over each group (BWN)."""
     alpha = group_abs_mean(w, groups)
     if K.fast_ok(w):
-        return K.ScaledSign.apply(w, alpha)
+        return K.scaled_rows(w, alpha, True)
     return expand_bshape(alpha, w, 0) * BinarizeSTE.apply(w)
 
 
@@ -289,18 +268,23 @@ def clip_errors(xv: Tensor, stat: Tensor, grid: Tensor, bits: int, signed: bool,
     return (q - x).pow(2).sum(dim=(1, 2), dtype=torch.float64)
 
 
-def best_clip_factor(grid: Tensor, errors: Tensor) -> float:
-    """The factor with the least error, refined by a parabola through its neighbours in ``log k``."""
-    i = int(torch.argmin(errors))
-    if i in (0, len(grid) - 1):
-        return float(grid[i])
-    x0, x1, x2 = (float(v) for v in torch.log(grid[i - 1 : i + 2].double()))
-    y0, y1, y2 = (float(v) for v in errors[i - 1 : i + 2])
+def best_clip_factor(grid: Tensor, errors: Tensor) -> Tensor:
+    """The factor with the least error, refined by a parabola through its neighbours in ``log k``.
+
+    A 0-dim float32 tensor on ``errors``' device, chosen without reading a value on the host:
+    no device synchronisation, and the choice traces into a compiled graph (first-batch
+    calibration inside ``torch.compile``).
+    """
+    grid = grid.to(errors.device)
+    last = len(grid) - 1
+    i = torch.argmin(errors)
+    near = i.clamp(1, last - 1) + torch.arange(-1, 2, device=errors.device)  # i and its neighbours
+    x0, x1, x2 = torch.log(grid.index_select(0, near).double()).unbind()
+    y0, y1, y2 = errors.index_select(0, near).unbind()
     den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
-    if den == 0:
-        return float(grid[i])
     vertex = x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / den
-    return float(torch.exp(torch.tensor(min(max(vertex, x0), x2))))
+    refined = torch.exp(torch.minimum(torch.maximum(vertex, x0), x2).float())
+    return torch.where((i == 0) | (i == last) | (den == 0), grid.index_select(0, i.reshape(1))[0], refined)
 
 
 def sample_columns(xv: Tensor, limit: int) -> Tensor:

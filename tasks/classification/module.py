@@ -6,7 +6,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
 from tasks.hub import is_named
 from tasks.weights import load_weights, resolve
 
@@ -34,6 +34,7 @@ class ClassificationModule(TaskModule):
         scheduler: ``cosine``, ``poly`` or ``none`` (per step).
         warmup_steps: linear warm-up steps.
         label_smoothing: cross-entropy label smoothing.
+        compile: ``torch.compile`` the network in ``setup`` (see :class:`tasks.common.TaskModule`).
     """
 
     def __init__(
@@ -50,8 +51,9 @@ class ClassificationModule(TaskModule):
         scheduler: SchedulerName = "cosine",
         warmup_steps: int = 0,
         label_smoothing: float = 0.0,
+        compile: CompileOption = False,  # noqa: A002
     ) -> None:
-        super().__init__()
+        super().__init__(compile=compile)
         self.save_hyperparameters()
         self.model = build_classifier(model, num_classes=num_classes, small_input=small_input)
         top_k = min(5, num_classes)

@@ -26,7 +26,7 @@ import pytorch_lightning as pl
 from torch import Tensor, nn
 
 from gdrq_lightning import monitoring
-from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
 
@@ -76,6 +76,7 @@ class DetectionModule(TaskModule):
         num_vis: validation images drawn with their detections each epoch (0 = none).
         draw_score_thresh: detections drawn (validation and predict PNGs; the datamodule's
             ``draw_predictions`` turns the predict PNGs on).
+        compile: ``torch.compile`` the network in ``setup`` (see :class:`tasks.common.TaskModule`).
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known ones) or bad sizes.
@@ -110,8 +111,9 @@ class DetectionModule(TaskModule):
         pretrained_backbone: str | None = None,
         num_vis: int = 4,
         draw_score_thresh: float = 0.5,
+        compile: CompileOption = False,  # noqa: A002
     ) -> None:
-        super().__init__()
+        super().__init__(compile=compile)
         self.save_hyperparameters()
         self.model = build_faster_rcnn(
             arch, num_classes=num_classes, min_size=min_size, max_size=max_size,

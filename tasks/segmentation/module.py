@@ -19,7 +19,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from gdrq_lightning import monitoring
-from tasks.common import OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
 
@@ -55,6 +55,7 @@ class SegmentationModule(TaskModule):
             into the hub cache); loaded into the backbone in ``setup`` (before ``pretrained``).
         class_names: names for ``val/iou_<name>``; default: the datamodule's, else by ``num_classes``.
         num_vis: validation samples drawn into the prediction PNG (0 = none).
+        compile: ``torch.compile`` the network in ``setup`` (see :class:`tasks.common.TaskModule`).
 
     Raises:
         ValueError: unknown ``arch`` (lists the known names) or bad argument values.
@@ -79,8 +80,9 @@ class SegmentationModule(TaskModule):
         pretrained_backbone: str | None = None,
         class_names: list[str] | None = None,
         num_vis: int = 4,
+        compile: CompileOption = False,  # noqa: A002
     ) -> None:
-        super().__init__()
+        super().__init__(compile=compile)
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must be >= 2")
         if 0 <= ignore_index < num_classes:

@@ -44,6 +44,55 @@ def test_step_overhead_quick_prints_every_variant(capsys: pytest.CaptureFixture[
     assert "| FP32 |" in rows[1] and "1.00x" in rows[1]
 
 
+def test_step_overhead_compiled_bf16_rows(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    from gdrq_lightning import QuantConfig, quantize_model
+
+    bench = load("step_overhead")
+
+    def tiny(name: str) -> nn.Module:  # the rows' mechanics without compiling a whole ResNet
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    variants = {"FP32": tiny, "ours GDRQ": lambda n: quantize_model(tiny(n), QuantConfig(method="gdrq", k_a=4.0))}
+    monkeypatch.setattr(bench.baselines, "step_variants", lambda groups: variants)
+    bench.main(["--quick", "--models", "resnet18", "--compile", "both", "--backend", "aot_eager", "--precision", "bf16-mixed"])
+    out = capsys.readouterr().out
+    assert "precision=bf16-mixed, compile=both (aot_eager)" in out
+    rows = table_rows(out)
+    assert rows[0].endswith("| vs FP32 eager |")
+    assert [r.split(" | ")[0][2:] for r in rows[1:]] == ["FP32", "ours GDRQ", "FP32 (compiled)", "ours GDRQ (compiled)"]
+    assert "| 1.00x | 1.00x |" in rows[1] and rows[3].split(" | ")[3] == "1.00x"  # compiled rows against FP32 compiled
+
+
+def test_step_overhead_notes_a_variant_that_cannot_run_a_model(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bench = load("step_overhead")
+    real = bench.baselines.step_variants
+
+    def unavailable(name: str) -> torch.nn.Module:
+        raise ValueError(f"no quantizable torchvision model for {name!r}")
+
+    monkeypatch.setattr(bench.baselines, "step_variants", lambda groups: {"FP32": real(groups)["FP32"], "other tool": unavailable})
+    bench.main(["--quick", "--models", "mobilenet_v3_small"])
+    out = capsys.readouterr().out
+    assert "note: other tool skipped on mobilenet_v3_small: ValueError: no quantizable" in out
+    assert [r.split(" | ")[0][2:] for r in table_rows(out)[1:]] == ["FP32"]
+
+
+def test_step_overhead_cuda_defaults_and_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load("step_overhead")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    args = bench.parse_args(["--device", "cuda"])
+    assert (args.models, args.batch, args.size, args.precision, args.compile) == (["resnet18", "resnet50"], 128, 224, "bf16-mixed", "both")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--device", "cuda"])
+
+
 def test_fake_quant_throughput_quick_prints_both_tables(capsys: pytest.CaptureFixture[str]) -> None:
     load("fake_quant_throughput").main(["--quick"])
     out = capsys.readouterr().out
@@ -52,6 +101,7 @@ def test_fake_quant_throughput_quick_prints_both_tables(capsys: pytest.CaptureFi
     assert sum(r.startswith("| op ") for r in rows) == 2
     assert any(r.startswith("| ours WeightQuantizer") for r in rows)
     assert any(r.startswith("| ours ActQuantizer") for r in rows)
+    assert sum(r.startswith("| ours, kernels as ATen ops (GDRQ_KERNELS=eager)") for r in rows) == 2
     assert any(r.startswith("| torch fake_quantize_per_channel_affine") for r in rows)
 
 

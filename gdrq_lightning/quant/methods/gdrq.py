@@ -41,7 +41,7 @@ def _initial_k(cfg: QuantConfig, field: str) -> float:
 
 class _CalibratedK(nn.Module):
     """The clip factor ``k`` as a buffer, and whether ``auto`` has chosen it yet (a buffer too,
-    mirrored in Python so the forward pass checks it without a device sync)."""
+    mirrored in Python so the forward pass checks it without a device sync or a graph break)."""
 
     def _init_k(self, cfg: QuantConfig, field: str) -> None:
         self.k_auto = getattr(cfg, field) == "auto"
@@ -49,9 +49,14 @@ class _CalibratedK(nn.Module):
         self.register_buffer("k_calibrated", torch.tensor(False))
         self._k_ready = not self.k_auto
 
-    def _set_k(self, k: float) -> None:
-        self.k.fill_(k)
-        self.k_calibrated.fill_(True)
+    def _set_k(self, k: Tensor, seen: Tensor | None = None) -> None:
+        """Use ``k`` (a 0-dim tensor: set without a host sync); with ``seen``, only where it is true."""
+        if seen is None:
+            self.k.copy_(k)
+            self.k_calibrated.fill_(True)
+        else:
+            self.k.copy_(torch.where(seen, k, self.k))
+            self.k_calibrated.logical_or_(seen)
         self._k_ready = True
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
@@ -185,8 +190,12 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
         if not self._k_ready and self.training:  # auto, never calibrated: the first training batch
             self.finish_calibration(self._k_errors(self.act(x)), reduce=True)
         quant = self._on["quant_on"]
-        if quant and self.upper is None:
-            return self._relu_quant(x)
+        axis = 1 if self.act_groups > 1 else None
+        if quant and self.upper is None:  # ReLU and fake-quant in one op; statistics from relu(x)
+            if self.training:
+                with torch.no_grad():
+                    self._observe(torch.relu(x))
+            return P.relu_fake_quant(x, self.threshold(), self.bits, axis=axis)
         y = self.act(x)
         if self.training:
             self._observe(y)
@@ -194,20 +203,9 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
         if not (clip or quant):
             return y
         alpha = self.threshold()
-        axis = 1 if self.act_groups > 1 else None
         if not quant:
             return torch.minimum(y, P.expand_bshape(alpha, y, axis))
         return P.fake_quant_unsigned(y, alpha, self.bits, axis=axis)
-
-    def _relu_quant(self, x: Tensor) -> Tensor:
-        """The ReLU + statistics + fake-quant path as one autograd node (same math as above)."""
-        y = None
-        if self.training:
-            with torch.no_grad():
-                y = torch.relu(x)
-                self._observe(y)
-        axis = 1 if self.act_groups > 1 else None
-        return P.relu_fake_quant(x, self.threshold(), self.bits, axis=axis, relu_out=y)  # reuses y
 
     def threshold(self) -> Tensor:
         """Clip value ``alpha_a``: ``k_a * EMA(mean|a|)`` (Scale-Clip) or ``k * EMA(max a)``, ``[act_groups]``."""
@@ -248,12 +246,16 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
 
     @torch.no_grad()
     def finish_calibration(self, errors: Tensor, reduce: bool = False) -> None:
-        """Set ``k`` from summed errors (``reduce``: first sum them over the DDP ranks)."""
+        """Set ``k`` from summed errors (``reduce``: first sum them over the DDP ranks).
+
+        A layer that saw nothing keeps its ``k`` (and ``k_calibrated`` stays false), decided on the
+        device: no host sync, so this traces into a compiled graph.
+        """
         self._calib = None
         if reduce:
             reduce_(errors, "sum")
-        if bool(errors.sum() > 0):  # a layer that saw nothing keeps its k
-            self._set_k(P.best_clip_factor(P.clip_factor_grid("mean" if self.scale_clip else "max"), errors.cpu()))
+        grid = P.clip_factor_grid("mean" if self.scale_clip else "max", errors.device)
+        self._set_k(P.best_clip_factor(grid, errors), seen=errors.sum() > 0)
 
     @torch.no_grad()
     def _observe(self, y: Tensor) -> None:
@@ -274,10 +276,11 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
 
     @torch.no_grad()
     def apply_statistics(self, stats: Tensor) -> None:
-        running = self.running
-        # ``where`` on the flag instead of ``if self.initialized``: no host-device sync
-        running.copy_(torch.where(~self.initialized, stats, running.lerp(stats, self.momentum)))
-        self.initialized.fill_(True)
+        if self._ema_ready:  # the Python mirror of ``initialized``: no host-device sync
+            self.running.lerp_(stats, self.momentum)
+        else:
+            self.running.copy_(stats)
+            self.initialized.fill_(True)
         self._ema_ready, self._pending = True, None
 
     @torch.no_grad()

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import kernels as K
 from .. import primitives as P
 from ..config import Method, QuantConfig
 from ..kernels import fast_ok
@@ -26,32 +27,20 @@ def hwgq_forward(x: Tensor, step: float, bits: int) -> Tensor:
     return torch.where(x > 0, q, torch.zeros_like(x))
 
 
-class HWGQFunction(torch.autograd.Function):
-    """Half-wave Gaussian quantizer with a selectable backward approximator."""
+class HWGQReference(torch.autograd.Function):
+    """HWGQ keeping ``x`` for the backward: the ``log_tailed`` approximator (its gradient depends on
+    ``x`` above ``q_max``) and dtypes the fused op skips."""
 
     @staticmethod
     def forward(ctx, x: Tensor, step: float, bits: int, backward: str) -> Tensor:  # type: ignore[override]
-        ctx.q_max = P.unsigned_levels(bits) * step
-        ctx.mode = backward
-        ctx.fast = backward != "log_tailed" and fast_ok(x)
-        if not ctx.fast:
-            ctx.save_for_backward(x)
-            return hwgq_forward(x, step, bits)
-        # hwgq_forward's values, with ``* [x > 0]`` for its ``where`` (q >= D > 0, so the zeros
-        # are +0), and the backward's 0/1 mask kept instead of ``x``
-        pos = torch.gt(x, 0.0, out=torch.empty_like(x))
-        out = torch.div(x, step).round_().clamp_(1, P.unsigned_levels(bits)).mul_(step).mul_(pos)
-        if backward == "clipped":
-            pos.mul_(torch.le(x, ctx.q_max, out=torch.empty_like(x)))
-        ctx.save_for_backward(pos)
-        return out
+        ctx.q_max, ctx.mode = P.unsigned_levels(bits) * step, backward
+        ctx.save_for_backward(x)
+        return hwgq_forward(x, step, bits)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
-        (saved,) = ctx.saved_tensors
-        if ctx.fast:  # the 0/1 mask
-            return grad * saved, None, None, None
-        return _backward_reference(grad, saved, ctx.mode, ctx.q_max), None, None, None
+        (x,) = ctx.saved_tensors
+        return _backward_reference(grad, x, ctx.mode, ctx.q_max), None, None, None
 
 
 def _backward_reference(grad: Tensor, x: Tensor, mode: str, q_max: float) -> Tensor:
@@ -65,8 +54,11 @@ def _backward_reference(grad: Tensor, x: Tensor, mode: str, q_max: float) -> Ten
 
 
 def hwgq(x: Tensor, step: float, bits: int, backward: str = "clipped") -> Tensor:
-    """Apply HWGQ with step ``D`` (see :func:`hwgq_optimal_step`)."""
-    return HWGQFunction.apply(x, step, bits, backward)
+    """Apply HWGQ with step ``D`` (see :func:`hwgq_optimal_step`): one fused op keeping a 1-byte
+    mask for the ``relu`` and ``clipped`` backward approximators."""
+    if backward == "log_tailed" or not fast_ok(x):
+        return HWGQReference.apply(x, step, bits, backward)
+    return K.hwgq(x, step, P.unsigned_levels(bits), backward == "clipped", K.needs_grad(x))[0]
 
 
 def hwgq_mse(step: float, bits: int, points: int = 200_001, x_max: float = 12.0) -> float:

@@ -63,16 +63,22 @@ class LSQWeightQuantizer(WeightQuantizer):
         super().__init__(cfg, out_channels, layer_name, groups=cfg.groups)
         self.step = nn.Parameter(torch.ones(self.groups))
         self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # Python mirror of ``initialized``: no device sync, no graph break
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.initialized)
 
     def forward(self, w: Tensor) -> Tensor:
         if not self._on["quant_on"]:
             return P.attach(w, self.step)
         n = P.signed_levels(self.bits)
-        if not self.initialized:  # the weights are the same on every rank: so is this
+        if not self._ready:  # the weights are the same on every rank: so is this
             with torch.no_grad():
                 init = [lsq_init_step(g, n) for g in w.reshape(self.groups, -1)]
                 self.step.copy_(torch.stack(init).clamp_min(1e-8))
                 self.initialized.fill_(True)
+            self._ready = True
         g = lsq_grad_scale(w.numel() // self.groups, n)
         return lsq_fake_quant(w, P.expand_bshape(self.step.to(w.dtype), w, 0), -n, n, g)
 
@@ -96,17 +102,23 @@ class LSQActQuantizer(ActQuantizer):
         super().__init__(cfg, upper, layer_name)
         self.step = nn.Parameter(torch.ones(1))
         self.register_buffer("step_initialized", torch.tensor(False))
+        self._ready = False  # Python mirror of ``step_initialized``
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._ready = bool(self.step_initialized)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.act(x)
         if not self._on["quant_on"]:
             return P.attach(y, self.step)
         n = P.unsigned_levels(self.bits)
-        if not self.step_initialized and self.training:
+        if not self._ready and self.training:
             with torch.no_grad():  # from every rank's first batch: the mean, so replicas stay equal
                 init = reduce_(lsq_init_step(y, n).float().reshape(1), "mean")
                 self.step.copy_(init.clamp_min(1e-8))
                 self.step_initialized.fill_(True)
+            self._ready = True
         g = lsq_grad_scale(y[0].numel() if y.dim() > 1 else y.numel(), n)
         return lsq_fake_quant(y, self.step.to(y.dtype), 0, n, g)
 
