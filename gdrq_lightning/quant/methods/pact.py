@@ -78,4 +78,4 @@ def _validate(cfg: QuantConfig, where: str) -> None:
         raise ValueError(f"{where}QuantConfig.pact_decay={cfg.pact_decay!r} must be >= 0")
 
 
-register(Method.pact, weight=DoReFaWeightQuantizer, act=PACTActQuantizer, validate=_validate)
+register(Method.pact, weight=DoReFaWeightQuantizer, act=PACTActQuantizer, validate=_validate, input=PACTActQuantizer)
