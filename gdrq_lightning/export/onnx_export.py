@@ -29,7 +29,7 @@ from .wiring import as_args
 DEFAULT_OPSET = 17
 INT4_OPSET = 21
 INTEGER_OPS = ("QLinearConv", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger")
-FLOAT_LAYER_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul")
+FLOAT_LAYER_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "MatMulNBits")
 
 
 @dataclass(frozen=True)
@@ -90,7 +90,8 @@ def export_qdq(
     if opset < 13:
         raise ValueError(f"opset={opset} is too old: per-channel QuantizeLinear/DequantizeLinear need opset >= 13")
     spec = spec or onnx_spec(qdq_model)
-    int4 = [f"{n}.codes" for n, m in qdq_model.named_modules() if isinstance(m, QDQWeightLayer) and m.int4]
+    int4 = [f"{n}.codes" for n, m in qdq_model.named_modules()
+            if isinstance(m, QDQWeightLayer) and m.int4 and m.float_weight is None]
     args = as_args(example_input)
     with torch.no_grad():
         out = qdq_model.eval()(*args)
@@ -212,7 +213,6 @@ def optimized_op_counts(path: str | os.PathLike) -> dict[str, int]:
         return op_counts(optimized)
 
 
-def kernel_summary(path: str | os.PathLike) -> dict[str, int]:
-    """``integer`` / ``float`` conv and matmul kernels in ORT's optimized graph."""
-    counts = optimized_op_counts(path)
+def kernel_summary(counts: dict[str, int]) -> dict[str, int]:
+    """``integer`` / ``float`` conv and matmul kernels among :func:`optimized_op_counts`."""
     return {"integer": sum(counts.get(k, 0) for k in INTEGER_OPS), "float": sum(counts.get(k, 0) for k in FLOAT_LAYER_OPS)}

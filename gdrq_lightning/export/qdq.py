@@ -100,6 +100,7 @@ class QDQWeightLayer(nn.Module):
         self.register_buffer("bias", bias)
         self.register_buffer("bias_codes", None)
         self.register_buffer("bias_scale", None)
+        self.register_buffer("float_weight", None)  # see :meth:`keep_float`
         self.input_act: nn.Module | None = None  # a QDQAct, or an input quantizer still in its clip phase
         self.output_act: QDQAct | None = None
         self.integer = False
@@ -111,8 +112,19 @@ class QDQWeightLayer(nn.Module):
         return self.offset is None and not self.int4
 
     def weight(self) -> Tensor:
+        if self.float_weight is not None:
+            return self.float_weight
         w = DequantWeight.apply(self.codes, self.scale)
         return w if self.offset is None else w - self.offset
+
+    @torch.no_grad()
+    def keep_float(self, note: str) -> None:
+        """Stay a float layer (bias added on its own). A linear layer's weight becomes a float
+        initializer: ORT turns ``DequantizeLinear -> MatMul`` on a float input into ``MatMulNBits``,
+        which quantizes the input to int8 (0.5% off on a 256-input layer); a conv it leaves alone."""
+        self.note = note
+        if isinstance(self, QDQLinear):
+            self.float_weight = self.weight().clone()
 
     @torch.no_grad()
     def make_integer(self, in_scale: Tensor, exact_bias: Tensor | None) -> None:

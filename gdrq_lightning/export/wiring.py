@@ -159,13 +159,13 @@ def _same(a: Any, b: Any) -> bool:
 def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None) -> None:
     grid = seen.inputs[0] if seen.inputs else None
     if not seen.inputs:
-        layer.note = "float: not called on the example input"
+        layer.keep_float("float: not called on the example input")
     elif not layer.integer_weights:
-        layer.note = "float: INT4 weights (ONNX Runtime runs them in float)" if layer.int4 else "float: 8-bit odd codes need 9 bits"
+        layer.keep_float("float: INT4 weights (ONNX Runtime runs them in float)" if layer.int4 else "float: 8-bit odd codes need 9 bits")
     elif grid is None or any(g is not grid for g in seen.inputs):
-        layer.note = "float: its input is not a per-tensor quantized activation (see QuantConfig.quant_inputs)"
+        layer.keep_float("float: its input is not a per-tensor quantized activation (see QuantConfig.quant_inputs)")
     elif seen.to_act and (len(seen.to_act) != seen.outputs or not all(a.integer for a in seen.to_act)):
-        layer.note = "float: its output quantizer is per-channel or HWGQ's (no integer form)"
+        layer.keep_float("float: its output quantizer is per-channel or HWGQ's (no integer form)")
     else:
         layer.make_integer(grid.scale, exact_bias)
         if not seen.to_act:
