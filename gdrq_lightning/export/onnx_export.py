@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .fold import fold_groups_into_bn
+from .integer import pack_bits
 from .layers import INTEGER_LAYER_TYPES
 from .qdq import QDQWeightLayer, build_qdq_model
 from .wiring import as_args
@@ -115,24 +116,17 @@ def export_qdq(
 
 
 def _int4_weights(proto: Any, names: set[str]) -> Any:
-    """Store the weight codes ``names`` (int8 values in [-8, 7]) as INT4 with INT4 zero points; opset 21."""
+    """Store the weight codes ``names`` (int8 values in [-8, 7], DQ without zero point) as INT4; opset 21."""
     import onnx
     from onnx import numpy_helper
 
     graph = proto.graph
-    inits = {i.name: i for i in graph.initializer}
-    for node in graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in names:
-            continue
-        codes = numpy_helper.to_array(inits[node.input[0]])
-        graph.initializer.remove(inits[node.input[0]])
-        graph.initializer.append(onnx.helper.make_tensor(node.input[0], onnx.TensorProto.INT4, codes.shape, codes.flatten().tolist()))
-        zero = f"{node.input[0]}.zero_point"
-        graph.initializer.append(onnx.helper.make_tensor(zero, onnx.TensorProto.INT4, [codes.shape[0]], [0] * codes.shape[0]))
-        node.input[2] = zero
-    used = {i for n in graph.node for i in n.input}
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-        graph.node.remove(node)
+    inits = {i.name: i for i in graph.initializer if i.name in names}
+    for name, init in inits.items():
+        codes = numpy_helper.to_array(init)
+        graph.initializer.remove(init)
+        packed = pack_bits(torch.from_numpy(codes.astype("int32")) & 0xF, 4).numpy().tobytes()  # low nibble first, as ONNX
+        graph.initializer.append(onnx.helper.make_tensor(name, onnx.TensorProto.INT4, codes.shape, packed, raw=True))
     for op in proto.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = INT4_OPSET

@@ -6,7 +6,7 @@ carry their own ONNX form. Each ``forward`` computes what its ONNX form computes
 not ``x * (1/s)``; per-channel ``axis``), so PyTorch is a reference for ONNX Runtime.
 
 * :class:`DequantWeight`: constant int8 codes (uint8 for 8-bit odd codes) ->
-  ``DequantizeLinear(axis=0)``.
+  ``DequantizeLinear(axis=0)``, zero point 0 (left out: the file is that much smaller).
 * :class:`DequantBias`: a conv/linear bias as int32 codes on the lattice ``s_x · s_w`` ->
   ``DequantizeLinear(axis=0)``: the form ONNX Runtime and TensorRT fuse into an integer
   kernel (a float bias makes ORT quantize it itself, differently).
@@ -36,9 +36,7 @@ class DequantWeight(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, codes, scale):  # type: ignore[no-untyped-def]
-        dtype = torch.uint8 if codes.type().scalarType() == "Byte" else torch.int8
-        zero = g.op("Constant", value_t=torch.zeros(scale.type().sizes()[0], dtype=dtype))
-        return g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
+        return g.op("DequantizeLinear", codes, scale, axis_i=0)  # no zero point input: 0
 
 
 class DequantBias(torch.autograd.Function):
@@ -50,8 +48,7 @@ class DequantBias(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, codes, scale):  # type: ignore[no-untyped-def]
-        zero = g.op("Constant", value_t=torch.zeros(scale.type().sizes()[0], dtype=torch.int32))
-        return g.op("DequantizeLinear", codes, scale, zero, axis_i=0)
+        return g.op("DequantizeLinear", codes, scale, axis_i=0)
 
 
 class QuantizeGrid(torch.autograd.Function):
