@@ -98,6 +98,9 @@ def run_export(args: list[str]) -> None:
     parser.add_argument("--onnx-weights", choices=["int8", "int4"], default="int8",
                         help="int8: weight codes in int8, integer kernels in ONNX Runtime (default); int4: codes of "
                              "<= 4-bit layers as INT4, the smallest file (ONNX Runtime runs those layers in float)")
+    parser.add_argument("--float-outputs", action="store_true",
+                        help="keep layers whose output no quantizer reads (residual branches, FPN outputs) in float: "
+                             "closer to the fake-quant model, fewer integer kernels")
     ns = parser.parse_args(args)
     if ns.calibration_batches < 1:
         raise ValueError(f"--calibration-batches={ns.calibration_batches} must be >= 1")
@@ -114,7 +117,7 @@ def run_export(args: list[str]) -> None:
     datamodule = datamodule_from_config(ns.data_config) if ns.data_config else None
     calibration = calibration_inputs(datamodule, ns.calibration_batches) if datamodule is not None else None
     report = export_model(network, torch.zeros(1, *ns.input_shape), ns.out, weight_format=ns.onnx_weights,
-                          calibration=calibration)
+                          calibration=calibration, float_outputs=ns.float_outputs)
     if datamodule is not None:
         report["val_accuracy"] = compare_predictions(network, report["files"]["onnx"], datamodule)
         with open(report["files"]["report"], "w") as f:

@@ -142,6 +142,7 @@ def to_onnx(
     opset: int = DEFAULT_OPSET,
     weight_format: str = "int8",
     calibration: list[Any] | None = None,
+    float_outputs: bool = False,
 ) -> Path:
     """Export a quantized model to ONNX in the QDQ form ONNX Runtime turns into integer kernels.
 
@@ -157,11 +158,14 @@ def to_onnx(
             layers in float, exactly).
         calibration: inputs that set the 8-bit grids of float outputs made integer (a residual
             branch before its add, an FPN output); default ``[example_input]``. Use real images.
+        float_outputs: keep those layers float instead: ORT then runs the fake-quant model's
+            arithmetic (up to the int32 biases' rounding), with fewer integer kernels.
 
     Returns:
         ``path``, after ``onnx.checker.check_model(full_check=True)`` passed.
     """
-    qdq = build_qdq_model(_folded(model), example_input, weight_format=weight_format, calibration=calibration)
+    qdq = build_qdq_model(_folded(model), example_input, weight_format=weight_format, calibration=calibration,
+                          float_outputs=float_outputs)
     return export_qdq(qdq, example_input, path, opset=opset, spec=onnx_spec(model))
 
 

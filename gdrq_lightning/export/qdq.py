@@ -240,6 +240,7 @@ def build_qdq_model(
     *,
     weight_format: str = "int8",
     calibration: list[Any] | None = None,
+    float_outputs: bool = False,
 ) -> nn.Module:
     """A copy of a folded model in export form, wired for integer kernels (module docstring).
 
@@ -251,6 +252,8 @@ def build_qdq_model(
         weight_format: ``"int8"`` (integer kernels) or ``"int4"`` (INT4 weights where they fit).
         calibration: inputs whose outputs set the 8-bit grids of float outputs made integer
             (default: ``[example_input]``).
+        float_outputs: keep layers whose output no quantizer reads (residual branches, FPN
+            outputs) float instead of giving them an 8-bit output grid: exact, fewer integer kernels.
 
     Raises:
         ValueError: unknown ``weight_format``.
@@ -280,5 +283,5 @@ def build_qdq_model(
             q = layer.act_quantizer
             set_module(qdq, name, QDQAct(q.export_grid(channels.get(name)), act_meta(q)))
     qdq = qdq.to(dtype)
-    wire(qdq, [example_input] if calibration is None else calibration, exact_bias, dtype)
+    wire(qdq, [example_input] if calibration is None else calibration, exact_bias, dtype, float_outputs)
     return qdq

@@ -194,6 +194,7 @@ def export_model(
     check_input: Tensor | None = None,
     weight_format: str = "int8",
     calibration: list[Tensor] | None = None,
+    float_outputs: bool = False,
 ) -> dict[str, Any]:
     """The whole ``gdrq export`` job: integer file, ONNX file and a JSON report in ``out_dir``.
 
@@ -213,6 +214,7 @@ def export_model(
         weight_format: ``"int8"`` (integer kernels) or ``"int4"`` (smallest file), see :func:`~.onnx_export.to_onnx`.
         calibration: batches that set the 8-bit grids of float outputs made integer (real
             images; default: ``[check_input]``).
+        float_outputs: keep the layers with float outputs float (see :func:`~.onnx_export.to_onnx`).
 
     Returns:
         The report dict that was written as JSON.
@@ -230,7 +232,8 @@ def export_model(
     reference = copy.deepcopy(model).cpu().float().eval()
     check_outputs(reference, example)
     folded, pairing = fold_with_pairing(reference)
-    qdq = build_qdq_model(folded, example, weight_format=weight_format, calibration=calibration or [x])
+    qdq = build_qdq_model(folded, example, weight_format=weight_format, calibration=calibration or [x],
+                          float_outputs=float_outputs)
     files = {"integer": str(out / f"{stem}_int.pt")}
     sizes = save_integer(folded, files["integer"]) | {"fp32_bytes": fp32_bytes(reference)}
     sizes["compression"] = sizes["fp32_bytes"] / max(sizes["payload_bytes"], 1)
@@ -246,7 +249,7 @@ def export_model(
     layers = [r for r in rows if r["kind"] != "act"]
     report: dict[str, Any] = {
         "format": "gdrq-export-report", "version": 2, "input_shape": list(example.shape),
-        "check_input_shape": list(x.shape), "weight_format": weight_format,
+        "check_input_shape": list(x.shape), "weight_format": weight_format, "float_outputs": float_outputs,
         "dynamic": {"batch": spec.dynamic_batch, "size": spec.dynamic_size, "fixed_size_reason": spec.fixed_size_reason},
         "pairing": {"source": pairing.source, "note": pairing.note, "pairs": pairing.pairs},
         "sizes": sizes, "outputs": outputs, "files": files,

@@ -65,8 +65,11 @@ class _Tags:
 
 
 @torch.no_grad()
-def wire(model: nn.Module, batches: list[Any], exact_bias: dict[str, Tensor | None], dtype: torch.dtype) -> None:
-    """Make every layer that can be an integer kernel one (int32 bias, output grid); see module doc."""
+def wire(
+    model: nn.Module, batches: list[Any], exact_bias: dict[str, Tensor | None], dtype: torch.dtype, float_outputs: bool = False
+) -> None:
+    """Make every layer that can be an integer kernel one (int32 bias, output grid); see module doc.
+    ``float_outputs``: a layer whose output no quantizer reads stays float instead (exact)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QDQWeightLayer)}
     seen = {n: _Seen() for n in layers}
     grids, outputs, act_outputs = _Tags(), _Tags(), _Tags()
@@ -126,7 +129,7 @@ def wire(model: nn.Module, batches: list[Any], exact_bias: dict[str, Tensor | No
         for h in hooks:
             h.remove()
     for name, layer in layers.items():
-        _decide(layer, seen[name], exact_bias[name])
+        _decide(layer, seen[name], exact_bias[name], float_outputs)
     _quantize_after_pools(model, pools, cast_args(batches[0], dtype))
 
 
@@ -156,7 +159,7 @@ def _same(a: Any, b: Any) -> bool:
     return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
 
 
-def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None) -> None:
+def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None, float_outputs: bool) -> None:
     grid = seen.inputs[0] if seen.inputs else None
     if not seen.inputs:
         layer.keep_float("float: not called on the example input")
@@ -166,6 +169,8 @@ def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None) -> No
         layer.keep_float("float: its input is not a per-tensor quantized activation (see QuantConfig.quant_inputs)")
     elif seen.to_act and (len(seen.to_act) != seen.outputs or not all(a.integer for a in seen.to_act)):
         layer.keep_float("float: its output quantizer is per-channel or HWGQ's (no integer form)")
+    elif float_outputs and not seen.to_act:
+        layer.keep_float("float: no quantizer reads its output (float_outputs=True)")
     else:
         layer.make_integer(grid.scale, exact_bias)
         if not seen.to_act:
