@@ -7,7 +7,8 @@ on their input's grid (max pooling, dropout in eval, the identities that replace
 BatchNorms) pass the tag on; a layer reads its input's tag (or its own input quantizer's
 grid) and records its output tensor, and an activation quantizer that receives that very
 tensor, unmodified (same version: an in-place ``out += identity`` changes it), is the
-layer's output quantizer. A layer whose output no quantizer reads directly (a residual
+layer's output quantizer, provided nothing else reads the tensor (a ``TorchFunctionMode``
+counts the other readers). A layer whose output anything but quantizers reads (a residual
 branch before its add, an FPN output) gets an 8-bit output grid spanning the values it
 produced on the example data.
 
@@ -22,11 +23,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .fold import set_module
 from .qdq import QDQAct, QDQWeightLayer, output_grid
 
-GRID_PRESERVING: tuple[type[nn.Module], ...] = (nn.MaxPool2d, nn.Identity, nn.Dropout, nn.Dropout2d)
+PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Dropout2d)  # in eval: x itself
+GRID_PRESERVING: tuple[type[nn.Module], ...] = (nn.MaxPool2d, *PASS_THROUGH)
 
 
 def as_args(example: Any) -> tuple[Any, ...]:
@@ -45,6 +48,7 @@ class _Seen:
     inputs: list[QDQAct | None] = field(default_factory=list)
     outputs: int = 0
     to_act: list[QDQAct] = field(default_factory=list)
+    others: int = 0  # reads of its output by anything but an activation quantizer
     lo: float = float("inf")
     hi: float = float("-inf")
 
@@ -62,6 +66,37 @@ class _Tags:
     def get(self, t: Any) -> Any:
         item = self._items.get(id(t)) if isinstance(t, Tensor) else None
         return item[2] if item is not None and item[0] is t and item[1] == t._version else None
+
+
+class _OtherReaders(TorchFunctionMode):
+    """Counts the torch functions that read a recorded layer output, except inside an activation
+    quantizer or a pass-through module (``quiet``): a layer whose output something else reads too
+    (an FPN's lateral conv feeds its output conv and the top-down path) needs its own output grid."""
+
+    def __init__(self, outputs: _Tags, seen: dict[str, _Seen]) -> None:
+        super().__init__()
+        self.outputs, self.seen, self.quiet = outputs, seen, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        if not self.quiet and getattr(func, "__name__", "") != "__get__":  # attribute reads (``_version``) aren't reads
+            for t in _flat(args) + _flat(list(kwargs.values())):
+                name = self.outputs.get(t)
+                if name is not None:
+                    self.seen[name].others += 1
+        return func(*args, **kwargs)
+
+    def enter(self, *_: Any) -> None:
+        self.quiet += 1
+
+    def leave(self, *_: Any) -> None:
+        self.quiet -= 1
+
+
+def _flat(items: Any) -> list[Any]:
+    if isinstance(items, (list, tuple)):
+        return [x for item in items for x in _flat(item)]
+    return [items]
 
 
 @torch.no_grad()
@@ -115,6 +150,7 @@ def wire(
 
         return hook
 
+    readers = _OtherReaders(outputs, seen)
     for name, module in model.named_modules():
         if isinstance(module, QDQAct):
             hooks += [module.register_forward_hook(tag_act(name)), module.register_forward_pre_hook(to_act)]
@@ -122,9 +158,12 @@ def wire(
             hooks.append(module.register_forward_hook(keep_grid(name)))
         elif name in layers:
             hooks += [module.register_forward_pre_hook(layer_in(name)), module.register_forward_hook(layer_out(name))]
+        if isinstance(module, QDQAct) or type(module) in PASS_THROUGH:
+            hooks += [module.register_forward_pre_hook(readers.enter), module.register_forward_hook(readers.leave)]
     try:
-        for batch in batches:
-            model(*cast_args(batch, dtype))
+        with readers:
+            for batch in batches:
+                model(*cast_args(batch, dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -161,19 +200,20 @@ def _same(a: Any, b: Any) -> bool:
 
 def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None, float_outputs: bool) -> None:
     grid = seen.inputs[0] if seen.inputs else None
+    direct = len(seen.to_act) == seen.outputs and not seen.others  # only quantizers read its output
     if not seen.inputs:
         layer.keep_float("float: not called on the example input")
     elif not layer.integer_weights:
         layer.keep_float("float: INT4 weights (ONNX Runtime runs them in float)" if layer.int4 else "float: 8-bit odd codes need 9 bits")
     elif grid is None or any(g is not grid for g in seen.inputs):
         layer.keep_float("float: its input is not a per-tensor quantized activation (see QuantConfig.quant_inputs)")
-    elif seen.to_act and (len(seen.to_act) != seen.outputs or not all(a.integer for a in seen.to_act)):
+    elif direct and not all(a.integer for a in seen.to_act):
         layer.keep_float("float: its output quantizer is per-channel or HWGQ's (no integer form)")
-    elif float_outputs and not seen.to_act:
-        layer.keep_float("float: no quantizer reads its output (float_outputs=True)")
+    elif float_outputs and not direct:
+        layer.keep_float("float: its output is read unquantized (float_outputs=True)")
     else:
         layer.make_integer(grid.scale, exact_bias)
-        if not seen.to_act:
+        if not direct:
             out_grid, zero = output_grid(seen.lo, seen.hi)
             layer.output_act = QDQAct(out_grid, {"output": True}, zero).to(layer.scale.dtype)
-            layer.note = "integer, 8-bit output grid"
+            layer.note = "integer, 8-bit output grid" + (" (also read by its quantizer)" if seen.to_act else "")
