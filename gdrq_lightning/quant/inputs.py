@@ -7,7 +7,7 @@ Such inputs can be negative (an FPN sum has no ReLU), so the grid is signed and 
 i.e. the levels ``s · {-n, ..., n}``, ``n = 2**(b-1) - 1`` (one level fewer than a ReLU output
 gets at ``b`` bits). Each method names its ``q`` in its ``register(..., input=...)`` call:
 Scale-Clip (``gdrq``, ``scale_clip``) clips at ``k_a · EMA(mean|x|)``, ``group`` and ``hwgq`` at
-``k · EMA(max|x|)``, PACT learns a symmetric clip ``alpha``, LSQ a step, DoReFa clips at 1.
+``k · EMA(max|x|)``, the learned-clip method learns a symmetric clip, LSQ a step, DoReFa clips at 1.
 Because ``q`` is an ordinary activation quantizer, the schedule (its ``quant_acts`` and
 ``clip_on`` switches), calibration of ``auto`` factors, DDP statistics and checkpoints treat it
 like every other activation quantizer; it sits at ``<layer>.input_quantizer.magnitude``.
