@@ -56,11 +56,15 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None, where: str
         raise ValueError(f"{where}QuantConfig.{name}={value!r} is out of range (allowed: integer {rng})")
 
 
-def _patterns(value: Any) -> list[str] | None:
+def _patterns(name: str, value: Any) -> list[str] | None:
     """A pattern list option (``skip``, ``quant_inputs``): ``None``, one string or a list of them."""
     if value is None:
         return None
-    return [value] if isinstance(value, str) else [str(p) for p in value]
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"QuantConfig.{name}={value!r} must be a module-name pattern or a list of them")
+    return [str(p) for p in value]
 
 
 ClipFactor = Union[float, Literal["auto"]]
@@ -134,8 +138,8 @@ class QuantConfig:
         self.method = _enum(Method, "method", self.method)
         self.hwgq_backward = _enum(HWGQBackward, "hwgq_backward", self.hwgq_backward)
         self.validate()
-        self.skip = _patterns(self.skip)
-        self.quant_inputs = _patterns(self.quant_inputs)
+        self.skip = _patterns("skip", self.skip)
+        self.quant_inputs = _patterns("quant_inputs", self.quant_inputs)
         if not isinstance(self.overrides, dict):
             raise ValueError(f"QuantConfig.overrides must be a mapping pattern -> fields, got {self.overrides!r}")
         for pattern, fields in self.overrides.items():

@@ -81,6 +81,8 @@ def test_bad_patterns_and_bits_fail_naming_the_problem():
     with pytest.raises(ValueError, match=r"layer 'out'.*act_bits=1 is too few for a signed input grid"):
         quantize_model(Neck(), QuantConfig(act_bits=1, skip=[], quant_inputs=["out"]))
     assert QuantConfig(quant_inputs="out").quant_inputs == ["out"]
+    with pytest.raises(ValueError, match=r"QuantConfig.quant_inputs=5 must be a module-name pattern or a list of them"):
+        QuantConfig(quant_inputs=5)
 
 
 def test_a_neck_with_input_quantizers_exports_as_integer_kernels(tmp_path):
