@@ -62,7 +62,7 @@ def load_quantized_module(path: str) -> pl.LightningModule:
         raise CheckpointError(f"{path}: cannot import the module class {class_path!r}") from None
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     module = cls(**hparams)
-    config = QuantConfig(**state["config"])
+    config = QuantConfig(**{"quant_inputs": [], **state["config"]})  # checkpoints from before input quantizers: none
     quantize_model(quant_network(module), resolve_config(config, module))
     try:
         result = module.load_state_dict(ckpt["state_dict"], strict=False)

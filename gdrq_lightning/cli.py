@@ -88,23 +88,38 @@ def run_export(args: list[str]) -> None:
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by a gdrq run (e.g. runs/.../last.ckpt)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
-                        help="example input shape, as the data gives it (default: 3 32 32; digits-VOC: 3 48 48)")
-    parser.add_argument("--data-config", help="a gdrq config; compares PyTorch and ONNX Runtime accuracy on its val split "
-                                              "(top-1, or pixel accuracy for segmentation)")
+                        help="example input shape (default: 3 32 32); the batch and, where the network allows, the "
+                             "image size stay dynamic in the ONNX file")
+    parser.add_argument("--data-config", help="a gdrq config: its validation images calibrate the 8-bit grids of float "
+                                              "outputs, and PyTorch and ONNX Runtime are compared on them (top-1, pixel "
+                                              "accuracy, or matching detections)")
+    parser.add_argument("--calibration-batches", type=int, default=4, metavar="N",
+                        help="validation batches (detection: images) of --data-config used for calibration (default: 4)")
+    parser.add_argument("--onnx-weights", choices=["int8", "int4"], default="int8",
+                        help="int8: weight codes in int8, integer kernels in ONNX Runtime (default); int4: codes of "
+                             "<= 4-bit layers as INT4, the smallest file (ONNX Runtime runs those layers in float)")
+    parser.add_argument("--float-outputs", action="store_true",
+                        help="keep layers whose output no quantizer reads (residual branches, FPN outputs) in float: "
+                             "closer to the fake-quant model, fewer integer kernels")
     ns = parser.parse_args(args)
+    if ns.calibration_batches < 1:
+        raise ValueError(f"--calibration-batches={ns.calibration_batches} must be >= 1")
     import json
 
     import torch
 
     from .checkpoint import load_quantized_module
     from .export import export_model
-    from .export.accuracy import compare_predictions, datamodule_from_config
+    from .export.accuracy import calibration_inputs, compare_predictions, datamodule_from_config
     from .task import export_network
 
     network = export_network(load_quantized_module(ns.ckpt))
-    report = export_model(network, torch.zeros(1, *ns.input_shape), ns.out)
-    if ns.data_config:
-        report["val_accuracy"] = compare_predictions(network, report["files"]["onnx"], datamodule_from_config(ns.data_config))
+    datamodule = datamodule_from_config(ns.data_config) if ns.data_config else None
+    calibration = calibration_inputs(datamodule, ns.calibration_batches) if datamodule is not None else None
+    report = export_model(network, torch.zeros(1, *ns.input_shape), ns.out, weight_format=ns.onnx_weights,
+                          calibration=calibration, float_outputs=ns.float_outputs)
+    if datamodule is not None:
+        report["val_accuracy"] = compare_predictions(network, report["files"]["onnx"], datamodule)
         with open(report["files"]["report"], "w") as f:
             json.dump(report, f, indent=2)
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))

@@ -29,10 +29,16 @@ if TYPE_CHECKING:
 class QuantTask(Protocol):
     """The contract a LightningModule meets to be quantized by gdrq.
 
+    One more method is optional (a module without it still meets the contract):
+    ``quant_inputs_default() -> list[str] | None``, the layers whose input gets its own
+    quantizer when ``QuantConfig.quant_inputs`` is None (see :func:`resolve_config`), for
+    necks whose convs read float sums or concatenations (detection: the FPN output convs).
+
     Example:
         >>> class MyTask(pl.LightningModule):
         ...     def quant_network(self) -> nn.Module: return self.net
         ...     def quant_skip_default(self) -> list[str] | None: return ["stem", "head"]
+        ...     def quant_inputs_default(self) -> list[str] | None: return ["neck.fuse"]  # optional
         ...     def load_pretrained(self) -> None: ...          # called from setup()
         ...     def export_network(self) -> nn.Module: return self.net
         ...     def quant_forward(self, batch) -> None: self.net(batch[0])
@@ -51,10 +57,13 @@ class QuantTask(Protocol):
         ...
 
     def export_network(self) -> nn.Module:
-        """A module mapping one image batch to one tensor (e.g. logits or the main segmentation map).
+        """A module mapping one image batch to one tensor (logits, the main segmentation map) or
+        to a tuple of tensors (a detector's boxes, labels and scores). It may carry an
+        ``onnx_spec`` attribute (:class:`gdrq_lightning.export.OnnxSpec`: output names, which
+        input axes are dynamic); without one: one output, dynamic batch and image size.
 
         Raises:
-            TypeError: the task's outputs cannot be exported as one tensor (say why).
+            TypeError: the task's outputs cannot be exported as tensors (say why).
         """
         ...
 
@@ -80,13 +89,21 @@ def quant_forward(pl_module: pl.LightningModule, batch: Any) -> None:
 
 
 def export_network(pl_module: pl.LightningModule) -> nn.Module:
-    """The contract's one-tensor export module, or the whole module for a plain LightningModule."""
+    """The contract's export module (tensor outputs), or the whole module for a plain LightningModule."""
     return pl_module.export_network() if isinstance(pl_module, QuantTask) else pl_module
 
 
 def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantConfig:
-    """``config`` with the task's default ``skip`` filled in when the config leaves it unset."""
-    default = pl_module.quant_skip_default() if isinstance(pl_module, QuantTask) else None
-    if config.skip is None and default is not None:
-        return dataclasses.replace(config, skip=list(default))
-    return config
+    """``config`` with the task's default ``skip`` and ``quant_inputs`` filled in where the config
+    leaves them unset (``None``)."""
+    if not isinstance(pl_module, QuantTask):
+        return config
+    fields = {}
+    skip = pl_module.quant_skip_default()
+    if config.skip is None and skip is not None:
+        fields["skip"] = list(skip)
+    inputs_default = getattr(pl_module, "quant_inputs_default", None)
+    inputs = inputs_default() if callable(inputs_default) else None
+    if config.quant_inputs is None and inputs is not None:
+        fields["quant_inputs"] = list(inputs)
+    return dataclasses.replace(config, **fields) if fields else config

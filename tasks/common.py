@@ -130,6 +130,9 @@ class TaskModule(pl.LightningModule):
     def quant_skip_default(self) -> list[str] | None:
         return None  # the library's default: first conv and last linear stay full precision
 
+    def quant_inputs_default(self) -> list[str] | None:
+        return None  # no input quantizers: every quantized layer reads a quantized activation
+
     def export_network(self) -> nn.Module:
         return self.model
 

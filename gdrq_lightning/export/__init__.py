@@ -1,18 +1,18 @@
 """Export of quantized models (SPEC §3, §7, §8): folded integer model, packed file, ONNX.
 
 ``fold_groups_into_bn`` moves group steps into BatchNorms, ``to_integer`` stores
-integer codes (packed file), ``to_onnx`` writes QDQ/QCDQ ONNX, and ``export_model``
-does all of it plus a JSON report (the ``gdrq export`` job).
+integer codes (packed file), ``to_onnx`` writes the QDQ ONNX that ONNX Runtime runs with
+integer kernels, and ``export_model`` does all of it plus a JSON report (the ``gdrq export`` job).
 """
 from .fold import fold_groups_into_bn
 from .integer import load_integer, pack_bits, save_integer, to_integer, unpack_bits
 from .layers import IntegerConv2d, IntegerLinear
-from .onnx_export import run_onnxruntime, to_onnx
+from .onnx_export import OnnxSpec, kernel_summary, optimized_op_counts, run_onnxruntime, to_onnx
 from .pairing import PairingError, find_conv_bn_pairs
 from .report import export_model, layer_report
 
 __all__ = [
-    "IntegerConv2d", "IntegerLinear", "PairingError", "export_model", "find_conv_bn_pairs", "fold_groups_into_bn",
-    "layer_report", "load_integer", "pack_bits", "run_onnxruntime", "save_integer", "to_integer", "to_onnx",
-    "unpack_bits",
+    "IntegerConv2d", "IntegerLinear", "OnnxSpec", "PairingError", "export_model", "find_conv_bn_pairs",
+    "fold_groups_into_bn", "kernel_summary", "layer_report", "load_integer", "optimized_op_counts", "pack_bits",
+    "run_onnxruntime", "save_integer", "to_integer", "to_onnx", "unpack_bits",
 ]

@@ -1,12 +1,15 @@
-"""Does the exported ONNX model predict like the PyTorch model? Accuracy of both on a val split.
+"""Does the exported ONNX model predict like the PyTorch model? Both on a val split.
 
 Works for any task whose export network maps an image batch to class scores on dim 1:
 per image (classification: top-1) or per pixel (segmentation: pixel accuracy over the
-labelled pixels, mask value 255 = ignored, which also leaves out batch padding).
+labelled pixels, mask value 255 = ignored, which also leaves out batch padding); and for
+detectors (targets are per-image dicts, the network maps one image to boxes, labels and
+scores): how many of PyTorch's confident detections ONNX Runtime also finds.
 """
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
 from typing import Any
 
 import pytorch_lightning as pl
@@ -48,6 +51,31 @@ def _check_input(onnx_path: str, expected: list[int | str], x: Tensor) -> None:
         raise ValueError(f"the ONNX model {onnx_path} takes input {expected} but the data gives {list(x.shape)}{hint}")
 
 
+def batch_inputs(batch: Any) -> list[Tensor]:
+    """Network inputs of one loader batch: the image tensor, or each image of a detection
+    batch (a sequence of ``[3, H, W]`` images) as its own ``[1, 3, H, W]`` batch."""
+    images = batch[0]
+    return [images] if isinstance(images, Tensor) else [img[None] for img in images]
+
+
+def val_batches(datamodule: pl.LightningDataModule) -> Iterator[Any]:
+    """The validation batches as the model sees them: through the datamodule's
+    ``on_after_batch_transfer`` (the on-device half of a task's pipeline, e.g. ``uint8`` to float)."""
+    for batch in datamodule.val_dataloader():
+        yield datamodule.on_after_batch_transfer(batch, 0)
+
+
+def calibration_inputs(datamodule: pl.LightningDataModule, count: int) -> list[Tensor]:
+    """The first ``count`` network inputs of the validation split (export calibrates on them)."""
+    datamodule.setup("validate")
+    found: list[Tensor] = []
+    for batch in val_batches(datamodule):
+        found += batch_inputs(batch)
+        if len(found) >= count:
+            break
+    return found[:count]
+
+
 @torch.no_grad()
 def compare_predictions(model: nn.Module, onnx_path: str, datamodule: pl.LightningDataModule) -> dict[str, Any]:
     """Accuracy of the PyTorch model and of ONNX Runtime on the validation split, and their agreement.
@@ -68,9 +96,12 @@ def compare_predictions(model: nn.Module, onnx_path: str, datamodule: pl.Lightni
     datamodule.setup("validate")
     model = model.eval()
     expected = onnx_input_shape(onnx_path)
+    first = next(val_batches(datamodule), None)
+    if first is not None and not isinstance(first[1], Tensor):
+        return compare_detections(model, onnx_path, datamodule)
     metric = "top1"
     samples = counted = correct_torch = correct_ort = agree = 0
-    for x, y in datamodule.val_dataloader():
+    for x, y in val_batches(datamodule):
         _check_input(onnx_path, expected, x)
         pred_torch = model(x).argmax(1)
         pred_ort = run_onnxruntime(onnx_path, x).argmax(1)
@@ -88,3 +119,39 @@ def compare_predictions(model: nn.Module, onnx_path: str, datamodule: pl.Lightni
         "metric": metric, "samples": samples, "counted": counted, f"{metric}_pytorch": correct_torch / n,
         f"{metric}_onnxruntime": correct_ort / n, "prediction_agreement": agree / n,
     }
+
+
+def box_iou(a: Tensor, b: Tensor) -> Tensor:
+    """IoU matrix ``[len(a), len(b)]`` of xyxy boxes."""
+    lt, rb = torch.maximum(a[:, None, :2], b[None, :, :2]), torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    area = lambda t: (t[:, 2:] - t[:, :2]).clamp(min=0).prod(-1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
+
+
+def match_detections(ref: tuple[Tensor, ...], got: tuple[Tensor, ...], *, score: float = 0.5, top: int = 10,
+                     iou: float = 0.9) -> tuple[int, int]:
+    """``(matched, counted)``: of ``ref``'s detections with score >= ``score`` (the ``top`` best),
+    how many ``got`` has with the same label and IoU >= ``iou``. Each is ``(boxes, labels, scores)``."""
+    keep = (ref[2] >= score).nonzero().flatten()[:top]
+    if not len(keep):
+        return 0, 0
+    if not len(got[0]):
+        return 0, len(keep)
+    same = (box_iou(ref[0][keep], got[0]) >= iou) & (ref[1][keep][:, None] == got[1][None, :])
+    return int(same.any(dim=1).sum()), len(keep)
+
+
+@torch.no_grad()
+def compare_detections(model: nn.Module, onnx_path: str, datamodule: pl.LightningDataModule) -> dict[str, Any]:
+    """PyTorch's and ONNX Runtime's detections on each validation image: the fraction of
+    PyTorch's confident ones (score >= 0.5, top 10 per image) that ORT finds too (same label,
+    IoU >= 0.9), and the images whose detections all match."""
+    images = matched = counted = all_match = 0
+    for batch in val_batches(datamodule):
+        for x in batch_inputs(batch):
+            found, total = match_detections(model(x), run_onnxruntime(onnx_path, x))
+            images += 1
+            matched, counted, all_match = matched + found, counted + total, all_match + (found == total)
+    return {"metric": "detection_match", "samples": images, "counted": counted,
+            "matched_fraction": matched / max(counted, 1), "images_all_matched": all_match / max(images, 1)}

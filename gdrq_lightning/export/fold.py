@@ -23,8 +23,10 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
-def _float_layer(layer: QuantConv2d | QuantLinear) -> nn.Module:
+def _float_layer(layer: QuantConv2d | QuantLinear, name: str) -> nn.Module:
     """Weights not quantized (e.g. only Scale-Clip on): a float layer with the effective weight."""
+    if layer.input_quantizer is not None:
+        raise ValueError(f"layer '{name}': its input is quantized but its weights are not yet; export after quant_weights")
     float_layer = copy.deepcopy(layer.to_float())
     with torch.no_grad():
         float_layer.weight = nn.Parameter(layer.weight_quantizer(layer.weight.detach()).clone())
@@ -61,7 +63,7 @@ def fold_with_pairing(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Mo
     for name, layer in entries:
         if id(layer) not in built:
             if name not in quantized:
-                built[id(layer)] = _float_layer(layer)
+                built[id(layer)] = _float_layer(layer, name)
             elif isinstance(layer, QuantConv2d):
                 built[id(layer)] = IntegerConv2d(layer, name)
             else:

@@ -1,8 +1,9 @@
 """Integer-weight layers: what a quantized conv/linear becomes after export folding.
 
 A layer holds its integer codes ``Z`` (an int8 buffer; int16 only for 8-bit odd codes
-``2k - 255``, which reach ±255) and the per-output-channel step ``s``
-with ``Z * s`` equal to the fake-quantized weight. It computes ``conv(x, Z)`` and
+``2k - 255``, which reach ±255), the per-output-channel step ``s``
+with ``Z * s`` equal to the fake-quantized weight, and the layer's input quantizer if it has
+one (``QuantConfig.quant_inputs``), applied first. It computes ``conv(x, Z)`` and
 
 * ``folded_into is None``: keeps ``s`` as an output scale, ``y = s * conv(x, Z) + c``;
 * ``folded_into == "<bn name>"``: ``s`` lives in that BatchNorm (SPEC §3), the layer
@@ -10,6 +11,7 @@ with ``Z * s`` equal to the fake-quantized weight. It computes ``conv(x, Z)`` an
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -39,6 +41,7 @@ class _IntegerLayer(nn.Module):
         self.register_buffer("step", step.detach().float().clone())
         bias = None if layer.bias is None else layer.bias.detach().clone()
         self.register_buffer("bias", bias)
+        self.input_quantizer = copy.deepcopy(layer.input_quantizer)
         self.layer_name = name
         self.method = wq.method
         self.bits = wq.bits
@@ -80,6 +83,8 @@ class IntegerConv2d(_IntegerLayer):
         self.dilation, self.conv_groups = conv.dilation, conv.groups
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         y = F.conv2d(x, self.codes.to(x.dtype), None, self.stride, self.padding, self.dilation, self.conv_groups)
         return self._finish(y, (1, -1, 1, 1))
 
@@ -93,6 +98,8 @@ class IntegerLinear(_IntegerLayer):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         return self._finish(F.linear(x, self.codes.to(x.dtype)), (-1,))
 
 

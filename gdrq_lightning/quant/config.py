@@ -56,6 +56,17 @@ def _check_int(name: str, value: Any, lo: int, hi: int | None = None, where: str
         raise ValueError(f"{where}QuantConfig.{name}={value!r} is out of range (allowed: integer {rng})")
 
 
+def _patterns(name: str, value: Any) -> list[str] | None:
+    """A pattern list option (``skip``, ``quant_inputs``): ``None``, one string or a list of them."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"QuantConfig.{name}={value!r} must be a module-name pattern or a list of them")
+    return [str(p) for p in value]
+
+
 ClipFactor = Union[float, Literal["auto"]]
 
 
@@ -100,6 +111,10 @@ class QuantConfig:
             the last conv) in full precision; ``[]`` quantizes everything.
         overrides: pattern -> partial config, e.g. ``{"layer4.*": {"weight_bits": 8}}``;
             later patterns win where several match.
+        quant_inputs: ``fnmatch`` patterns of conv/linear layers whose *input* gets its own
+            signed quantizer (:mod:`.inputs`), for layers that read a float tensor (FPN sums,
+            concatenations, pooled maps), so export stays integer. ``None`` (default): the
+            task's ``quant_inputs_default()`` (detection: the FPN output convs), else none.
     """
 
     method: Method | str = Method.gdrq
@@ -117,15 +132,14 @@ class QuantConfig:
     pact_decay: float = 1e-4
     skip: list[str] | None = None
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    quant_inputs: list[str] | None = None
 
     def __post_init__(self) -> None:
         self.method = _enum(Method, "method", self.method)
         self.hwgq_backward = _enum(HWGQBackward, "hwgq_backward", self.hwgq_backward)
         self.validate()
-        if self.skip is not None:
-            if isinstance(self.skip, str):
-                self.skip = [self.skip]
-            self.skip = [str(p) for p in self.skip]
+        self.skip = _patterns("skip", self.skip)
+        self.quant_inputs = _patterns("quant_inputs", self.quant_inputs)
         if not isinstance(self.overrides, dict):
             raise ValueError(f"QuantConfig.overrides must be a mapping pattern -> fields, got {self.overrides!r}")
         for pattern, fields in self.overrides.items():
@@ -163,6 +177,6 @@ class QuantConfig:
         base = {f: getattr(self, f) for f in LAYER_FIELDS}
         base.update(fields)
         try:  # ``replace`` runs ``__post_init__``, which converts the enums and validates
-            return dataclasses.replace(self, skip=[], overrides={}, **{k: base[k] for k in LAYER_FIELDS})
+            return dataclasses.replace(self, skip=[], overrides={}, quant_inputs=[], **{k: base[k] for k in LAYER_FIELDS})
         except ValueError as err:
             raise ValueError(f"layer '{name}': {err}") from None

@@ -2,7 +2,8 @@
 
 ``from_float`` shares the float layer's Parameters (no copy), so the optimizer and
 ``state_dict`` keys of weights are unchanged by the swap; the quantizers add keys
-under ``weight_quantizer.`` / ``act_quantizer.``.
+under ``weight_quantizer.`` / ``act_quantizer.`` (and ``input_quantizer.`` for a conv/linear
+that ``QuantConfig.quant_inputs`` names).
 """
 from __future__ import annotations
 
@@ -10,13 +11,19 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import QuantConfig
+from .inputs import InputQuantizer
 from .quantizers import ActQuantizer, WeightQuantizer
 
 
 class QuantConv2d(nn.Conv2d):
-    """``nn.Conv2d`` whose weight passes through a :class:`WeightQuantizer`."""
+    """``nn.Conv2d`` whose weight passes through a :class:`WeightQuantizer` (and its input through an
+    :class:`InputQuantizer` where ``QuantConfig.quant_inputs`` asks)."""
 
     weight_quantizer: WeightQuantizer
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_quantizer: InputQuantizer | None = None  # set by ``quantize_model`` for ``quant_inputs`` layers
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, cfg: QuantConfig, name: str = "") -> QuantConv2d:
@@ -39,13 +46,19 @@ class QuantConv2d(nn.Conv2d):
         return conv.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
 
 
 class QuantLinear(nn.Linear):
-    """``nn.Linear`` whose weight passes through a :class:`WeightQuantizer`."""
+    """``nn.Linear`` whose weight passes through a :class:`WeightQuantizer` (input: as ``QuantConv2d``)."""
 
     weight_quantizer: WeightQuantizer
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.input_quantizer: InputQuantizer | None = None  # set by ``quantize_model`` for ``quant_inputs`` layers
 
     @classmethod
     def from_float(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
@@ -60,6 +73,8 @@ class QuantLinear(nn.Linear):
         return linear.train(self.training)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.input_quantizer is not None:
+            x = self.input_quantizer(x)
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
 
 

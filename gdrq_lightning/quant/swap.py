@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from torch import nn
 
 from .config import Method, QuantConfig
+from .inputs import InputQuantizer
 from .layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
 from .quantizers import ActQuantizer, WeightQuantizer
 from .split import activation_reuse, split_known_blocks
@@ -61,11 +62,13 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
 
     Activation modules get one quantizer per call site: torchvision ResNet blocks, which
     call one ``relu`` several times, are split first (:func:`split_known_blocks`); a
-    module registered under several names gets one quantized module per name.
+    module registered under several names gets one quantized module per name. Quantized
+    conv/linear layers matching ``config.quant_inputs`` also get an
+    :class:`~gdrq_lightning.quant.inputs.InputQuantizer` for their input.
 
     Raises:
-        ValueError: an ``overrides`` pattern matches no swappable layer, a layer's
-            resolved config is invalid, or an activation to quantize is called more than
+        ValueError: an ``overrides`` or ``quant_inputs`` pattern matches no swappable layer, a
+            layer's resolved config is invalid, or an activation to quantize is called more than
             once per forward (one quantizer would pool the statistics of its call sites);
             the message names the layer.
     """
@@ -78,12 +81,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
     for pattern in skip:
         if not any(name_matches(n, pattern) for n in names):
             warnings.warn(f"QuantConfig.skip pattern {pattern!r} matches no conv/linear/ReLU layer", stacklevel=2)
-    for pattern in config.overrides:
-        if not any(name_matches(n, pattern) for n in names):
-            raise ValueError(
-                f"QuantConfig.overrides pattern {pattern!r} matches no conv/linear/ReLU layer "
-                f"(some layer names: {', '.join(names[:5])} ...)"
-            )
+    _check_patterns("overrides", config.overrides, names, "conv/linear/ReLU")
+    weighted = [n for n, m in targets if type(m) not in ACTIVATIONS]
+    _check_patterns("quant_inputs", config.quant_inputs or [], weighted, "conv/linear")
     plan: list[tuple[str, nn.Module, QuantConfig]] = []
     for name, module in targets:
         if any(name_matches(name, p) for p in skip) or (filter_fn is not None and not filter_fn(module, name)):
@@ -106,9 +106,21 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
             swapped[key] = SWAP_REGISTRY[type(module)](module, layer_cfg, name)
             if device is not None and type(module) in ACTIVATIONS:  # no weights to say where it lives
                 swapped[key].to(device)
+            if type(module) not in ACTIVATIONS and any(name_matches(name, p) for p in config.quant_inputs or []):
+                quantizer = InputQuantizer(layer_cfg, name).train(module.training)
+                swapped[key].input_quantizer = quantizer if device is None else quantizer.to(device)
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, swapped[key])
     return model
+
+
+def _check_patterns(option: str, patterns: Iterable[str], names: list[str], kinds: str) -> None:
+    for pattern in patterns:
+        if not any(name_matches(n, pattern) for n in names):
+            raise ValueError(
+                f"QuantConfig.{option} pattern {pattern!r} matches no {kinds} layer "
+                f"(some layer names: {', '.join(names[:5])} ...)"
+            )
 
 
 def _check_activation_reuse(model: nn.Module, to_quantize: set[str]) -> None:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from tasks.loaders import make_loader
 
 from .annotations import COCODatasetError, load_arrays, load_coco_json
-from .dataset import COCODetection, RandomHorizontalFlip, detection_collate
+from .dataset import COCODetection, RandomHorizontalFlip, detection_collate, to_unit_float
 from .digits_coco import make_digits_coco
 from .layout import find_split
 
@@ -211,6 +211,13 @@ class COCODataModule(pl.LightningDataModule):
             raise RuntimeError("COCODataModule.setup() has not run yet")
         return make_loader(self, dataset, batch_size=batch_size, num_workers=self.num_workers, shuffle=shuffle,
                            collate_fn=detection_collate)
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """``uint8`` images -> float in 0..1 on the device (what torchvision's detectors take);
+        the same for every consumer that prepares batches the Lightning way (``gdrq export``)."""
+        if not (isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], (tuple, list))):
+            return batch
+        return (tuple(to_unit_float(batch[0])), *batch[1:])
 
     def train_dataloader(self) -> DataLoader:
         if self.train_set is None:

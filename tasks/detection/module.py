@@ -4,9 +4,10 @@ The detector is ``self.model``, which is what the quantization callback swaps.
 What gets quantized by default: backbone and FPN only. ``quant_skip_default()``
 (used by the callback when ``QuantConfig.skip`` is ``None``) keeps the RPN, the
 RoI heads and the stem conv in full precision, the usual choice for low-bit
-detectors (the heads are small, the regression outputs sensitive). Set ``skip``
-explicitly (e.g. ``[backbone.body.conv1]``) to quantize the heads too. Export is not
-supported yet: ``export_network()`` says so.
+detectors (the heads are small, the regression outputs sensitive); the FPN's output
+convs quantize their (float) inputs (``quant_inputs_default()``), so backbone + FPN
+export as integer kernels. Set ``skip`` explicitly (e.g. ``[backbone.body.conv1]``) to
+quantize the heads too. ``export_network()`` is the whole detector for one image.
 
 Backbone normalisation is ``nn.BatchNorm2d`` by default, not torchvision's
 ``FrozenBatchNorm2d``: see :mod:`tasks.detection.models` for why.
@@ -26,6 +27,7 @@ import pytorch_lightning as pl
 from torch import Tensor, nn
 
 from gdrq_lightning import monitoring
+from gdrq_lightning.export import OnnxSpec
 from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
@@ -37,6 +39,23 @@ from .models import backbone_weights, build_faster_rcnn, first_conv_name
 from .predictions import COCOResultsWriter, label_names, save_grid
 
 Batch = tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]
+
+
+class DetectorExport(nn.Module):
+    """The detector as export takes it: one image ``[1, 3, H, W]`` (values in [0, 1], any size)
+    -> ``boxes [K, 4]`` (xyxy, in input pixels), ``labels [K]`` (1..K), ``scores [K]``. The ONNX
+    file holds all of it: resize and normalisation, backbone + FPN (quantized), RPN, RoI heads
+    and post-processing (NMS); the image size is dynamic, the batch is one image."""
+
+    onnx_spec = OnnxSpec(outputs=("boxes", "labels", "scores"), dynamic_batch=False)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        detections = self.model([images[0]])[0]
+        return detections["boxes"], detections["labels"], detections["scores"]
 
 
 class DetectionModule(TaskModule):
@@ -138,11 +157,13 @@ class DetectionModule(TaskModule):
         """RPN, RoI heads and the stem conv stay full precision: backbone + FPN get quantized."""
         return ["rpn", "roi_heads", first_conv_name(self.model)]
 
+    def quant_inputs_default(self) -> list[str]:
+        """The FPN's 3x3 output convs read float sums (lateral + upsampled): they quantize their input."""
+        return ["backbone.fpn.layer_blocks"]
+
     def export_network(self) -> nn.Module:
-        raise TypeError(
-            "detection export is not supported yet: Faster R-CNN returns per-image box lists, not one tensor "
-            "(export_model needs a model that maps an image batch to one tensor)"
-        )
+        """The whole detector for ONNX: one image ``[1, 3, H, W]`` -> boxes, labels, scores."""
+        return DetectorExport(self.model)
 
     def quant_forward(self, batch: Batch) -> None:
         """The detector on a training batch: with its targets in train mode (RPN and RoI sampling

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from gdrq_lightning import monitoring
+from gdrq_lightning.export import OnnxSpec
 from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
@@ -103,8 +104,22 @@ class SegmentationModule(TaskModule):
     def quant_skip_default(self) -> list[str]:
         return quant_skip(self.hparams.arch, self.hparams.aux_loss)
 
+    # PSPNet: the pyramid convs read average-pooled maps, the bottleneck a concatenation of upsampled ones
+    PSP_INPUTS = ["classifier.ppm.stages.*.1", "classifier.conv"]
+    PSP_FIXED_SIZE = ("PSPNet's pyramid pooling (bins 2, 3, 6) exports as pooling windows computed from the example "
+                      "size, so the ONNX file takes that image size only")
+
+    def quant_inputs_default(self) -> list[str]:
+        """PSPNet's neck convs read float maps (pooled, concatenated): they quantize their inputs.
+        FCN's quantized layers all read quantized activations."""
+        return list(self.PSP_INPUTS) if self.hparams.arch.startswith("pspnet") else []
+
     def export_network(self) -> nn.Module:
-        return MainOutput(self.model)
+        """The main map; a dynamic image size, except for PSPNet (:attr:`PSP_FIXED_SIZE`)."""
+        network = MainOutput(self.model)
+        if self.hparams.arch.startswith("pspnet"):
+            network.onnx_spec = OnnxSpec(dynamic_size=False, fixed_size_reason=self.PSP_FIXED_SIZE)
+        return network
 
     def load_starting_weights(self) -> None:
         """``pretrained_backbone`` into the backbone, then ``pretrained`` into the whole network.

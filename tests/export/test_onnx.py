@@ -1,140 +1,130 @@
-"""ONNX export: QDQ/QCDQ graph structure, onnx.checker, ONNX Runtime vs the PyTorch fake-quant model.
+"""ONNX export in ONNX Runtime's *default* session: integer kernels, per method family, and how
+close to the PyTorch fake-quant model they come.
 
 What is compared, and why these tolerances:
 
-* Export form vs fake-quant, both in float64: the same math, so they agree to 1e-6 of
-  the output scale (measured: ~5e-8, from the fake-quant kernels' float32 scales).
-  Float64 matters: in float32, rounding noise flips an activation that sits on a
-  rounding tie to the next level for ~1-10% of resnet18 images, which then moves
-  the logits by up to ~0.1 of their scale. That is not an export error.
-* ONNX Runtime vs the export form, float32, layer by layer: every QCDQ input in ORT
-  must equal PyTorch's to 1e-5 of its scale, and the outputs too, unless a level
-  flipped at a rounding tie first (checked to be one: its input lies within 1e-3
-  of a level boundary), after which downstream values legitimately differ.
+* ORT (default session) vs the export form in float64: the same integer math (int8 codes,
+  int32 bias, the same output grids), so they differ only where ORT's float32 requantization
+  and PyTorch's float64 round a value that sits within float rounding of a level boundary
+  apart; such a flip moves one activation by one level and everything after it a little. The
+  bound (1e-2 of the output scale, measured <= 8e-3 on these nets) is what one flip can do;
+  a wrong bias lattice, scale or zero point moves outputs by whole levels (tens of per cent).
+* Export form vs fake-quant, both float64, layer by layer (teacher-forced): the int32 bias is
+  rounded to its lattice ``s_x · s_w`` and a float output made integer to its 8-bit grid, so
+  each layer differs by at most half a lattice step plus half an output step.
 """
 from __future__ import annotations
 
 import copy
 import json
-import math
 
 import pytest
 import torch
 from torch import nn
 
-from gdrq_lightning.export import export_model, run_onnxruntime, to_onnx
+from gdrq_lightning import QuantConfig, quantize_model
+from gdrq_lightning.export import export_model, kernel_summary, optimized_op_counts, run_onnxruntime, to_onnx
 from gdrq_lightning.export.fold import fold_groups_into_bn
 from gdrq_lightning.export.qdq import QDQAct, build_qdq_model
 from gdrq_lightning.export.report import layer_report
-from gdrq_lightning.quant import primitives as P
+from gdrq_lightning.quant import ActGrid
 from gdrq_lightning.quant.methods import hwgq as hwgq_m
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
+
 def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
+# method family -> config, and how many of TinyNet's convs become integer kernels: its first conv
+# reads the image (float) and its linear a pooled map, so 2 of 3 convs at most
 CASES = {
-    "gdrq_w4a4_g1": dict(method="gdrq", weight_bits=4, act_bits=4, groups=1),
-    "gdrq_w4a4_g4": dict(method="gdrq", weight_bits=4, act_bits=4, groups=4),
-    "hwgq_w1a2": dict(method="hwgq", weight_bits=1, act_bits=2),
-    "pact_w3a3": dict(method="pact", weight_bits=3, act_bits=3),
-    "lsq_w4a4": dict(method="lsq", weight_bits=4, act_bits=4, groups=2),
-    "dorefa_w8a4": dict(method="dorefa", weight_bits=8, act_bits=4),
+    "gdrq_w4a4_g1": (dict(method="gdrq", weight_bits=4, act_bits=4, groups=1), 2),
+    "gdrq_w4a4_g4": (dict(method="gdrq", weight_bits=4, act_bits=4, groups=4), 2),
+    "scale_clip_w2a4": (dict(method="scale_clip", weight_bits=2, act_bits=4), 2),
+    "group_w4a8": (dict(method="group", weight_bits=4, act_bits=8, groups=2), 2),
+    "lsq_w4a4": (dict(method="lsq", weight_bits=4, act_bits=4, groups=2), 2),
+    "pact_w3a3": (dict(method="pact", weight_bits=3, act_bits=3), 2),
+    "dorefa_w4a4": (dict(method="dorefa", weight_bits=4, act_bits=4), 2),
+    "dorefa_w8a4": (dict(method="dorefa", weight_bits=8, act_bits=4), 0),  # odd codes 2k - 255 need 9 bits
+    "hwgq_w1a2": (dict(method="hwgq", weight_bits=1, act_bits=2), 0),  # x > 0 -> level >= 1: no integer form
 }
 
 
-def _ort_with_act_inputs(path, x):
-    """ORT output plus the input of every QuantizeLinear (graph order = call order)."""
-    model = onnx.load(str(path))
-    names = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in names)
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    out, *acts = session.run(None, {"input": x.numpy()})
-    return torch.from_numpy(out), [torch.from_numpy(a) for a in acts]
-
-
-def _assert_ort_agrees(qdq, path, x):
-    """Flip-aware ORT vs export-form comparison; returns the index of a tie flip, if any."""
-    calls = []
-    hooks = [m.register_forward_pre_hook(lambda mod, a: calls.append((mod, a[0].clone())))
-             for m in qdq.modules() if isinstance(m, QDQAct)]
-    with torch.no_grad():
-        form = qdq(x)
-    for h in hooks:
-        h.remove()
-    out, ort_inputs = _ort_with_act_inputs(path, x)
-    assert out.shape == form.shape and len(ort_inputs) == len(calls) > 0
-    for i, ((act, x_pt), x_ort) in enumerate(zip(calls, ort_inputs)):
-        assert (x_ort - x_pt).abs().max() <= 1e-5 * x_pt.abs().max() + 1e-7, f"QCDQ input {i} differs"
-        with torch.no_grad():
-            differ = act(x_pt) != act(x_ort)
-        if differ.any():
-            s = act.scale.reshape(1, -1, *[1] * (x_pt.dim() - 2)) if act.scale.dim() else act.scale
-            u = (x_pt / s)[differ]
-            assert ((u - u.floor() - 0.5).abs() < 1e-3).logical_or(u.abs() < 1e-3).all(), f"act {i}: not a tie flip"
-            return i
-    assert (out - form).abs().max() <= 1e-5 * form.abs().max()
-    return None
-
-
-def _check(model, x_export, x_run, path):
-    folded = fold_groups_into_bn(model)
-    to_onnx(folded, x_export, path)  # runs onnx.checker(full_check=True)
-    qdq = build_qdq_model(folded, x_export)
-    _assert_ort_agrees(qdq, path, x_run)  # another batch size: the batch axis is dynamic
+def export_form64(model: nn.Module, example: torch.Tensor, calibration: list[torch.Tensor], **kw) -> nn.Module:
+    """The export form in float64 (free of float rounding), calibrated like the ONNX file."""
     ref64 = copy.deepcopy(model).double()
-    form64 = build_qdq_model(fold_groups_into_bn(ref64), x_export.double(), dtype=torch.float64)
-    with torch.no_grad():
-        ref, form = ref64(x_run.double()), form64(x_run.double())
-    assert (form - ref).abs().max() <= 1e-6 * ref.abs().max()
-    return onnx.load(str(path)), folded, qdq
+    return build_qdq_model(fold_groups_into_bn(ref64), example.double(), dtype=torch.float64,
+                           calibration=[c.double() for c in calibration], **kw)
 
 
-@pytest.mark.parametrize("case", ["gdrq_w4a4_g1", "gdrq_w4a4_g4", "hwgq_w1a2", "pact_w3a3"])
-def test_resnet18_onnxruntime_matches(models, case, tmp_path):
-    model = models.resnet18(**CASES[case])
-    x = _randn(2, 3, 32, 32)
-    proto, folded, qdq = _check(model, x, _randn(3, 3, 32, 32, seed=1), tmp_path / "r.onnx")
-    graph = proto.graph
-    ops = [n.op_type for n in graph.node]
-    assert "BatchNormalization" not in ops  # quantized convs: into the DQ scale; the float stem: by the exporter
-    assert ops.count("QuantizeLinear") == ops.count("Clip") == 17  # one QCDQ per activation call (stem, 2 per block)
-    assert ops.count("DequantizeLinear") == 17 + 19  # + one constant weight DQ per quantized conv
-    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
-    for row in layer_report(model, folded, qdq, x):
-        if row["kind"] == "act":
-            assert row["level_flips"] == row["flips_at_ties"], row  # QCDQ vs fake-quant: ties only
-            if row["level_flips"] == 0:
-                assert row["max_abs_diff_onnx_form"] <= 1e-5 * row["scale_max"], row
-        else:  # each exported conv/linear (+ folded BN) against the fake-quant layer (+ BN), same input
-            assert row["max_abs_diff_onnx_form"] <= 1e-5 * row["output_abs_max"], row
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_tiny_onnxruntime_matches(models, case, tmp_path):
-    cfg = CASES[case]
+def test_default_session_runs_the_export_form_with_integer_kernels(models, case, tmp_path):
+    cfg, integer = CASES[case]
     model = models.tiny(**cfg)
-    graph = _check(model, _randn(2, 3, 16, 16), _randn(5, 3, 16, 16, seed=1), tmp_path / "t.onnx")[0].graph
+    x = _randn(32, 3, 16, 16, seed=1)
+    path = to_onnx(model, x[:2], tmp_path / "t.onnx", calibration=[x])
+    counts = optimized_op_counts(path)
+    assert kernel_summary(counts) == {"integer": integer, "float": 4 - integer}
+    assert counts.get("QLinearConv", 0) == integer
+    got = run_onnxruntime(path, x)  # ORT's default SessionOptions
+    form = export_form64(model, x[:2], [x])
+    with torch.no_grad():
+        assert relative(got, form(x.double())) <= 1e-2
+        ref = copy.deepcopy(model).double()(x.double())
+    assert relative(got, ref) <= 2e-2  # bias rounding on top: measured <= 8.2e-3 over these cases
+    assert (got.argmax(1) == ref.argmax(1)).float().mean() >= 0.95
+
+
+@pytest.mark.parametrize("case", ["gdrq_w4a4_g4", "lsq_w4a4", "pact_w3a3"])
+def test_each_layer_differs_from_fakequant_by_its_documented_roundings_only(models, case):
+    model = models.tiny(bias=True, **CASES[case][0])
+    x = _randn(8, 3, 16, 16, seed=2)
+    ref64 = copy.deepcopy(model).double()
+    folded = fold_groups_into_bn(ref64)
+    form = export_form64(model, x[:2], [x])
+    rows = layer_report(ref64, folded, form, x.double())
+    layers = [r for r in rows if r["kind"] != "act"]
+    assert sum(r["integer"] for r in layers) == 2 and all(r["bias_lattice_max"] for r in layers if r["integer"])
+    for r in layers:
+        # + float32 rounding: the folded steps are float32 buffers
+        bound = 0.5 * (r["bias_lattice_max"] or 0) + 0.5 * (r["output_step"] or 0) + 1e-6 * r["output_abs_max"]
+        assert r["max_abs_diff_onnx_form"] <= bound, r
+    acts = [r for r in rows if r["kind"] == "act"]
+    assert len(acts) == 3 and all(r["level_flips"] == 0 for r in acts)  # teacher-forced, float64: no tie flips
+
+
+def test_resnet18_is_integer_from_the_first_block_to_the_last(models, tmp_path):
+    model = models.resnet18(method="gdrq", weight_bits=4, act_bits=4, groups=4)
+    x = _randn(4, 3, 32, 32, seed=3)
+    path = to_onnx(model, x[:1], tmp_path / "r.onnx", calibration=[x])
+    counts = optimized_op_counts(path)
+    # 19 quantized convs (16 in blocks, 3 downsample); float: the stem conv and the classifier
+    assert counts["QLinearConv"] == 19 and counts["QLinearAdd"] == 8
+    assert kernel_summary(counts) == {"integer": 19, "float": 2}
+    graph = onnx.load(str(path)).graph
+    producer = {o: n.op_type for n in graph.node for o in n.output}
+    pool = next(n for n in graph.node if n.op_type == "MaxPool")
+    assert producer[pool.input[0]] == "Conv"  # the stem's pool reads the float conv: its quantizer moved after it
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
-    inits |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    codes = inits["features.3.codes"]
-    if cfg["weight_bits"] < 8:
-        n = 1 if cfg["weight_bits"] == 1 else 2 ** (cfg["weight_bits"] - 1) - 1
-        n = 2 ** cfg["weight_bits"] - 1 if cfg["method"] in ("pact", "dorefa") else n
-        assert str(codes.dtype) == "int8" and abs(codes).max() <= n  # the bit width is visible in the weights
-    clips = [n for n in graph.node if n.op_type == "Clip"]  # QCDQ: the activation bit width is the Clip's max
-    assert len(clips) == 3 and {int(inits[n.input[2]]) for n in clips} == {2 ** cfg["act_bits"] - 1}
+    codes = inits["layer1.0.conv1.codes"]
+    assert str(codes.dtype) == "int8" and abs(codes).max() == 112 and (codes % 16 == 0).all()  # 4-bit codes x 16
+    assert str(inits["layer1.0.conv1.bias_codes"].dtype) == "int32"
+    got = run_onnxruntime(path, x)
+    with torch.no_grad():
+        assert relative(got, export_form64(model, x[:1], [x])(x.double())) <= 1e-2
 
 
 def test_hwgq_small_positives_map_to_first_level(tmp_path):
     """HWGQ's (0, D/2) -> D rule survives export: Where(x > 0, DQ(Clip(Q(x), 1, n)), 0)."""
     step = hwgq_m.hwgq_optimal_step(2)
-    act = QDQAct(torch.tensor(step), 1, 3, True, {})
+    act = QDQAct(ActGrid(torch.tensor(step), 1, 3, True), {})
     x = torch.tensor([[-1.0, 0.0, 1e-6, 0.2 * step, 0.49 * step, 0.51 * step, 1.5 * step, 2.5 * step, 10.0]])
     to_onnx(torch.nn.Sequential(act), x, tmp_path / "h.onnx")
     expected = hwgq_m.hwgq_forward(x, step, 2)
@@ -150,24 +140,26 @@ def test_export_model_writes_files_and_report(models, tmp_path, capsys):
     assert saved == json.loads(json.dumps(report))
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"model_int.pt", "model.onnx", "model_report.json"}
     assert report["pairing"]["source"] == "fx" and len(report["pairing"]["pairs"]) == 3
-    assert report["check_input_shape"] == [2, 3, 16, 16]  # checks ran on a random batch of another size
-    assert len(report["outputs"]) == 6 and all(math.isfinite(v) for v in report["outputs"].values())
+    assert report["check_input_shape"] == [2, 3, 24, 24]  # another batch size and image size: both dynamic
+    assert report["dynamic"] == {"batch": True, "size": True, "fixed_size_reason": ""}
+    # act_groups=2: per-channel activation scales, which an integer conv cannot read: float layers, said so
+    assert report["integer_layers"] == 0 and all("per-tensor" in why for why in report["float_layers"].values())
     convs = [r for r in report["layers"] if r["kind"] == "conv"]
     acts = [r for r in report["layers"] if r["kind"] == "act"]
     assert len(convs) == 3 and len(acts) == 3 and all(r["groups"] == 4 and r["bits"] == 4 for r in convs)
-    assert all(0 < r["step_min"] <= r["step_max"] for r in convs)
     for r in convs:  # teacher-forced: each exported conv + folded BN against fake-quant conv + BN
         assert r["max_abs_diff_onnx_form"] <= 1e-5 * r["output_abs_max"], r
     assert all(r["level_flips"] == r["flips_at_ties"] and r["qmax"] == 15 for r in acts)
+    outputs = report["outputs"]
+    assert outputs["onnxruntime_vs_onnx_form"]["output"] <= 1e-2 * outputs["output_abs_max"]
+    assert report["sizes"]["onnx_bytes"] > 0 and report["onnx"]["kernels"] == {"integer": 0, "float": 4}
     with capsys.disabled():
-        print(f"\ntiny W4A4: compression {report['sizes']['compression']:.2f}x, outputs {report['outputs']}")
+        print(f"\ntiny W4A4: compression {report['sizes']['compression']:.2f}x, outputs {outputs}")
 
 
 @pytest.mark.parametrize("method", ["lsq", "gdrq"])
 def test_relu6_upper_bound_survives_export(method, tmp_path):
     """LSQ after ReLU6 with ``(2**b - 1) * step > 6``: the Clip's max becomes round(6 / step), not 15."""
-    from gdrq_lightning import QuantConfig, quantize_model
-
     model = quantize_model(torch.nn.Sequential(torch.nn.ReLU6()), QuantConfig(method=method, act_bits=4, skip=[]))
     quantizer = model[0].act_quantizer
     model.train()(torch.linspace(0, 10, 64))  # initialises LSQ's step / Scale-Clip's statistics
@@ -201,13 +193,13 @@ def test_export_model_takes_the_main_map_of_a_segmentation_model(models, tmp_pat
     with pytest.raises(TypeError, match="dict with keys"):
         export_model(model, torch.zeros(1, 3, 16, 16), tmp_path / "refused")
     report = export_model(MainOutput(model), torch.zeros(1, 3, 16, 16), tmp_path / "seg")
-    assert report["outputs"]["onnxruntime_vs_onnx_form"] <= 1e-5 * report["outputs"]["output_abs_max"]
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert report["outputs"]["onnxruntime_vs_onnx_form"]["output"] <= 1e-2 * report["outputs"]["output_abs_max"]
+    x = _randn(2, 3, 20, 28)  # another image size: dynamic
     with torch.no_grad():
         expected = model.eval()(x)["out"]
-    ort = run_onnxruntime(tmp_path / "seg" / "model.onnx", x)
-    assert ort.shape == expected.shape == (2, 4, 8, 8)
-    assert (ort - expected).abs().max() <= 0.05 * expected.abs().max()  # same map, up to level flips at ties
+    got = run_onnxruntime(tmp_path / "seg" / "model.onnx", x)
+    assert got.shape == expected.shape == (2, 4, 10, 14)
+    assert relative(got, expected) <= 0.05  # the same map, up to the documented roundings
 
 
 def test_export_model_refuses_list_outputs_with_a_clear_error(tmp_path):

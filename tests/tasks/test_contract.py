@@ -48,13 +48,13 @@ def test_each_task_implements_the_contract(task: str) -> None:
     assert module.quant_network() is module.model
     skip = module.quant_skip_default()
     assert skip is None or all(isinstance(p, str) for p in skip)
-    if task == "detection":
-        with pytest.raises(TypeError, match="detection export is not supported yet"):
-            module.export_network()
-        return
     net = module.export_network().eval()
     with torch.no_grad():
         out = net(torch.zeros(1, 3, 32, 32))
+    if task == "detection":  # one image -> boxes [K, 4], labels [K], scores [K]
+        boxes, labels, scores = out
+        assert boxes.shape == (len(labels), 4) and labels.shape == scores.shape
+        return
     assert isinstance(out, Tensor) and out.shape[:2] == (1, 4 if task == "classification" else 3)
 
 

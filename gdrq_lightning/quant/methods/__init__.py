@@ -20,22 +20,32 @@ Validator = Callable[[QuantConfig, str], None]
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """What implements a method: its weight and activation quantizer classes, and a check of
-    its own config options (``validate(cfg, where)`` raises ``ValueError`` naming the field)."""
+    """What implements a method: its weight and activation quantizer classes, a check of its
+    own config options (``validate(cfg, where)`` raises ``ValueError`` naming the field), and
+    ``input``: the unsigned activation quantizer that :class:`~gdrq_lightning.quant.inputs.InputQuantizer`
+    applies to ``|x|`` for a signed input grid (``None``: the method has no input quantizer)."""
 
     weight: type[WeightQuantizer]
     act: type[ActQuantizer]
     validate: Validator | None = None
+    input: type[ActQuantizer] | None = None
 
 
 _REGISTRY: dict[Method, MethodSpec] = {}
 
 
-def register(method: Method, *, weight: type[WeightQuantizer], act: type[ActQuantizer], validate: Validator | None = None) -> None:
+def register(
+    method: Method,
+    *,
+    weight: type[WeightQuantizer],
+    act: type[ActQuantizer],
+    validate: Validator | None = None,
+    input: type[ActQuantizer] | None = None,
+) -> None:
     """Make ``method`` available to ``quantize_model`` (called by each method module)."""
     if method in _REGISTRY:
         raise ValueError(f"method {method.value!r} is registered twice")
-    _REGISTRY[method] = MethodSpec(weight, act, validate)
+    _REGISTRY[method] = MethodSpec(weight, act, validate, input)
 
 
 def method_spec(method: Method) -> MethodSpec:

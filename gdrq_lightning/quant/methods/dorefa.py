@@ -65,4 +65,4 @@ class DoReFaActQuantizer(ActQuantizer):
         return ActGrid(torch.tensor(1.0 / n), 0, n)
 
 
-register(Method.dorefa, weight=DoReFaWeightQuantizer, act=DoReFaActQuantizer)
+register(Method.dorefa, weight=DoReFaWeightQuantizer, act=DoReFaActQuantizer, input=DoReFaActQuantizer)

@@ -304,4 +304,4 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
 
 
 for _method in (Method.gdrq, Method.scale_clip, Method.group):
-    register(_method, weight=ThresholdWeightQuantizer, act=ThresholdActQuantizer)
+    register(_method, weight=ThresholdWeightQuantizer, act=ThresholdActQuantizer, input=ThresholdActQuantizer)

@@ -19,6 +19,7 @@ from ..config import Method, QuantConfig
 from ..kernels import fast_ok
 from ..quantizers import ActGrid, ActQuantizer, WeightQuantizer
 from . import register
+from .gdrq import ThresholdActQuantizer
 
 
 def hwgq_forward(x: Tensor, step: float, bits: int) -> Tensor:
@@ -151,4 +152,5 @@ def _validate(cfg: QuantConfig, where: str) -> None:
         raise ValueError(f"{where}QuantConfig.hwgq_step={cfg.hwgq_step!r} must be a number > 0")
 
 
-register(Method.hwgq, weight=FilterWeightQuantizer, act=HWGQActQuantizer, validate=_validate)
+# inputs: HWGQ's half-wave rule has no signed form; an EMA(max |x|) clip (``group``'s rule) instead
+register(Method.hwgq, weight=FilterWeightQuantizer, act=HWGQActQuantizer, validate=_validate, input=ThresholdActQuantizer)

@@ -139,4 +139,4 @@ def _validate(cfg: QuantConfig, where: str) -> None:
         )
 
 
-register(Method.lsq, weight=LSQWeightQuantizer, act=LSQActQuantizer, validate=_validate)
+register(Method.lsq, weight=LSQWeightQuantizer, act=LSQActQuantizer, validate=_validate, input=LSQActQuantizer)

@@ -3,7 +3,9 @@
 A method module holds everything the library asks of the method: its math (``pact_act``),
 its quantizer classes (weights: DoReFa's, reused; activations: a learnable clip ``alpha``),
 the integer grid export writes (``export_grid``), the clip monitoring logs (``clip_value``),
-the check of its own options (``pact_alpha_init``, ``pact_decay``) and one ``register`` call.
+the check of its own options (``pact_alpha_init``, ``pact_decay``) and one ``register`` call,
+which also names the input quantizer's magnitude rule (``input=``): the same learnable clip,
+mirrored to a signed grid ``clamp(x, -alpha, alpha)`` (:mod:`..inputs`).
 """
 from __future__ import annotations
 
@@ -81,4 +83,4 @@ def _validate(cfg: QuantConfig, where: str) -> None:
         raise ValueError(f"{where}QuantConfig.pact_decay={cfg.pact_decay!r} must be >= 0")
 
 
-register(Method.pact, weight=DoReFaWeightQuantizer, act=PACTActQuantizer, validate=_validate)
+register(Method.pact, weight=DoReFaWeightQuantizer, act=PACTActQuantizer, validate=_validate, input=PACTActQuantizer)
