@@ -84,7 +84,13 @@ def run_lightning(args: list[str]) -> None:
 
 
 def run_export(args: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="gdrq export", description="Export a gdrq checkpoint: integer weights, ONNX and a JSON report.")
+    parser = argparse.ArgumentParser(
+        prog="gdrq export", description="Export a gdrq checkpoint: integer weights, ONNX and a JSON report.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  gdrq export --ckpt runs/gdrq-lightning/RUN_ID/checkpoints/last.ckpt --out export/ "
+               "--data-config configs/classification/digits_gdrq_w4a4.yaml\n"
+               "  gdrq export --ckpt runs/detection/digits_coco_gdrq_w4a4/last.ckpt --out export_det/ "
+               "--input-shape 3 96 96 --data-config configs/detection/digits_coco_gdrq_w4a4.yaml")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by a gdrq run (e.g. runs/.../last.ckpt)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
