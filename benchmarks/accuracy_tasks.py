@@ -7,7 +7,8 @@ quickstart fine-tune config — same data, optimizer, learning rate, epochs and 
 (FP32 continues with no quantizer) — changing only the ``QuantConfig``:
 
 * ``GDRQ defaults``: SPEC's fixed factors ``k_w = 2``, ``k_a = 4``;
-* ``GDRQ auto``: ``k_a: auto`` (SPEC's revised default) and ``k_w: auto``;
+* ``GDRQ k_a auto``: SPEC's revised defaults, what the quickstarts ship: ``k_w = 2``, ``k_a: auto``;
+* ``GDRQ auto``: ``k_w: auto`` too;
 * ``PACT``, ``LSQ``: their defaults (PACT alpha init 6; LSQ steps from the first batch).
 
 mIoU / mAP are the validation metrics after the last epoch (100 digits-VOC canvases of
@@ -58,6 +59,7 @@ def rows(task: str) -> list[Row]:
         bits = {"weight_bits": w, "act_bits": a}
         out += [
             Row(f"GDRQ defaults W{w}A{a}", {"method": "gdrq", "k_w": 2.0, "k_a": 4.0, **bits}, (w, a)),
+            Row(f"GDRQ k_a auto W{w}A{a}", {"method": "gdrq", "k_w": 2.0, "k_a": "auto", **bits}, (w, a)),
             Row(f"GDRQ auto W{w}A{a}", {"method": "gdrq", "k_w": "auto", "k_a": "auto", **bits}, (w, a)),
             Row(f"PACT W{w}A{a}", {"method": "pact", **bits}, (w, a)),
             Row(f"LSQ W{w}A{a}", {"method": "lsq", **bits}, (w, a)),
