@@ -14,7 +14,7 @@ CONFIGS = sorted((Path(__file__).resolve().parents[3] / "configs" / "detection")
 def test_configs_exist() -> None:
     assert {p.name for p in CONFIGS} >= {
         "digits_coco_fp32.yaml", "digits_coco_gdrq_w4a4.yaml", "digits_coco_gdrq_w4a4_scratch.yaml",
-        "coco2017_r50fpn_gdrq_w4a4.yaml",
+        "coco2017_r50fpn_gdrq_w4a4.yaml", "digits_coco_gdrq_w4a4_auto.yaml",
     }
 
 
