@@ -1,6 +1,6 @@
-"""Fused fake-quant kernels: each quantizer is one ``torch.library`` custom op forward and one
-op backward (:func:`masked_grad`), on every device, bit-exact with the plain composition in
-:mod:`.primitives` (``clamp`` / ``minimum``, then ATen's ``fake_quantize_*``).
+"""Fused fake-quant kernels: the element-wise body of every quantizer forward and of its
+backward, compiled by inductor, bit-exact with the plain composition in :mod:`.primitives`
+(``clamp`` / ``minimum``, then ATen's ``fake_quantize_*``). :mod:`.ops` makes them operators.
 
 Why they exist:
 
@@ -11,9 +11,7 @@ Why they exist:
   float masks: 4 inside the clip range, 2 on a clip bound (torch gives ``clamp`` with tensor
   bounds and ``minimum`` 1/2 there, 1 when both bounds coincide), 1 for Scale-Clip's two
   clamps at the same bound (1/4), 0 outside and at a ReLU's 0. Ties need no extra pass, mask,
-  host synchronisation or branch on data;
-* custom ops carry fake (meta) implementations, so ``torch.compile(fullgraph=True)`` traces a
-  quantized model in one graph with dynamic shapes, and the meta device counts one op each.
+  host synchronisation or branch on data.
 
 Exactness: bodies use only comparisons, ``min`` / ``max``, products, sums of small integers,
 ``round`` and (HWGQ's) element-wise quotient, which every backend computes exactly (Triton's
@@ -34,7 +32,7 @@ import functools
 import os
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -244,197 +242,14 @@ def _sign_body(w: Tensor, a: Tensor, *, sign: bool) -> tuple[Tensor]:
     return ((torch.where(wf >= 0, a, -a) if sign else wf * a).to(w.dtype),)
 
 
+def _relu_sum_body(x: Tensor) -> tuple[Tensor]:
+    """``sum(relu(x))`` accumulated in float64 (one read of ``x``, no ReLU tensor written)."""
+    return (x.float().clamp_min(0.0).sum(dtype=torch.float64),)
+
+
 def _grad_body(g: Tensor, mask: Tensor, *, product: bool) -> tuple[Tensor]:
     """``g`` times the mask's factor; where the mask is 0, ``+0.0`` as torch's ``where`` (clamp's
     derivative) gives it, or with ``product`` the signed zero of ``g * 0`` (HWGQ's mask product)."""
     factor = mask.float() * 0.25  # compared as floats: byte comparisons vectorise poorly
     scaled = g.float() * factor
     return ((scaled if product else torch.where(factor > 0, scaled, 0.0)).to(g.dtype),)
-
-
-# --- ops --------------------------------------------------------------------------------------
-
-def _grid(a: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Step ``max(a / n, 1e-8)`` and its reciprocal per group, by ATen as its kernels compute them:
-    quotients outside the kernels (a compiler may turn a division into an inexact product, and
-    would repeat a per-group division for every vector of elements)."""
-    scale = (a / n).clamp_min_(MIN_SCALE)
-    return scale, torch.reciprocal(scale)
-
-
-@functools.lru_cache(maxsize=None)
-def _scalar(value: float, device: torch.device) -> Tensor:
-    """A float32 scalar tensor on ``device``, made once (not copied to the device on every call)."""
-    return torch.tensor(value, dtype=torch.float32, device=device)
-
-
-def _no_mask(x: Tensor) -> Tensor:
-    return x.new_empty(0, dtype=torch.uint8)
-
-
-@torch.library.custom_op("gdrq::fake_quant", mutates_args=())
-def fake_quant(x: Tensor, alpha: Tensor, n: int, signed: bool, axis: Optional[int], tie: int, with_mask: bool) -> tuple[Tensor, Tensor]:
-    """Clip to ``[-alpha, alpha]`` (signed) or ``[0, alpha]`` after a ReLU, fake-quantize on ``n``
-    levels (``n == 0``: clip only, signed), and the backward mask (``tie``: its code on a bound).
-
-    ``alpha``: 0-dim (per tensor) or ``[G]`` along ``axis``, float32. Returns ``(out, mask)``;
-    ``mask`` is empty without ``with_mask``.
-    """
-    xv, a = _grouped(x, alpha, axis)
-    if n == 0:
-        res = _run(_clip_body, xv, a, with_mask=with_mask)
-    else:
-        body = _signed_body if signed else _unsigned_body
-        res = _run(body, xv, a, *_grid(a, n), _scalar(n, x.device), _scalar(tie, x.device), with_mask=with_mask)
-    grouped = xv.dim() > 1
-    return _shaped(res[0], x, grouped), (_shaped(res[1], x, grouped) if with_mask else _no_mask(x))
-
-
-@fake_quant.register_fake
-def _(x, alpha, n, signed, axis, tie, with_mask):
-    grouped = axis is not None and alpha.numel() != 1
-    out = x.new_empty(x.shape) if grouped else _empty_like(x)
-    mask = (x.new_empty(x.shape, dtype=torch.uint8) if grouped else _empty_like(x, torch.uint8)) if with_mask else _no_mask(x)
-    return out, mask
-
-
-@torch.library.custom_op("gdrq::scale_clip_fake_quant", mutates_args=())
-def scale_clip_fake_quant(w: Tensor, k: Tensor, groups: int, n: int, with_mask: bool) -> tuple[Tensor, Tensor]:
-    """GDRQ weights in one op: ``T_g = k * mean|W_g|`` (ATen's reduction, so thresholds equal
-    :func:`~.primitives.scale_clip_threshold` bit for bit), clip to ``[-T_g, T_g]`` and
-    fake-quantize there; a weight on ``T_g > 0`` gets 1/4 of its gradient (two clamps)."""
-    wv = w.reshape(groups, -1)
-    t = (k * wv.abs().mean(dim=1)).float().reshape(-1, 1)
-    if groups == 1:  # flat with a 0-dim threshold, as every per-tensor kernel runs
-        wv, t = wv.reshape(-1), t.reshape(())
-    res = _run(_signed_body, wv, t, *_grid(t, n), _scalar(n, w.device), _scalar(QUARTER, w.device), with_mask=with_mask)
-    return res[0].reshape(w.shape), (res[1].reshape(w.shape) if with_mask else _no_mask(w))
-
-
-@scale_clip_fake_quant.register_fake
-def _(w, k, groups, n, with_mask):
-    return w.new_empty(w.shape), w.new_empty(w.shape, dtype=torch.uint8) if with_mask else _no_mask(w)
-
-
-@torch.library.custom_op("gdrq::hwgq", mutates_args=())
-def hwgq(x: Tensor, step: float, n: int, clipped: bool, with_mask: bool) -> tuple[Tensor, Tensor]:
-    """HWGQ forward (SPEC §4) and the mask of its ``relu`` / ``clipped`` backward."""
-    scalars = (_scalar(v, x.device) for v in (step, n, n * step))
-    res = _run(_hwgq_body, _flat(x), *scalars, clipped=clipped, with_mask=with_mask)
-    return _unflat(res[0], x), (_unflat(res[1], x) if with_mask else _no_mask(x))
-
-
-@hwgq.register_fake
-def _(x, step, n, clipped, with_mask):
-    return _empty_like(x), _empty_like(x, torch.uint8) if with_mask else _no_mask(x)
-
-
-@torch.library.custom_op("gdrq::scaled_rows", mutates_args=())
-def scaled_rows(w: Tensor, alpha: Tensor, sign: bool) -> Tensor:
-    """``alpha_g * sign(w)`` (binary weights, ``sign(0) = +1``) or ``alpha_g * w`` (their
-    gradient) for ``G = alpha.numel()`` contiguous row groups of ``w``."""
-    g = alpha.numel()
-    wv, a = (w.reshape(-1), alpha.float().reshape(())) if g == 1 else (w.reshape(g, -1), alpha.float().reshape(-1, 1))
-    return _run(_sign_body, wv, a, sign=sign)[0].reshape(w.shape)
-
-
-@scaled_rows.register_fake
-def _(w, alpha, sign):
-    return w.new_empty(w.shape)
-
-
-@torch.library.custom_op("gdrq::masked_grad", mutates_args=())
-def masked_grad(grad: Tensor, mask: Tensor, product: bool) -> Tensor:
-    """The backward of every masked op: ``grad`` times the mask's factor, laid out as ``mask``
-    (``product``: masked-out zeros keep ``grad``'s sign)."""
-    if mask.shape != grad.shape:
-        raise RuntimeError("gdrq kernels: backward without a mask (the forward ran without one)")
-    if _channels_last(mask) != _channels_last(grad) or not grad.is_contiguous(memory_format=_format(mask)):
-        grad = grad.contiguous(memory_format=_format(mask))
-    return _unflat(_run(_grad_body, _flat(grad), _flat(mask), product=product)[0], mask)
-
-
-def _format(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if _channels_last(t) else torch.contiguous_format
-
-
-@masked_grad.register_fake
-def _(grad, mask, product):
-    return _empty_like(mask, grad.dtype)
-
-
-@torch.library.custom_op("gdrq::learned_clip_fake_quant", mutates_args=())
-def learned_clip_fake_quant(x: Tensor, alpha: Tensor, n: int, with_mask: bool) -> tuple[Tensor, Tensor]:
-    """A learned clip ``alpha`` (a ``[1]`` or 0-dim tensor in ``x``'s dtype) after a ReLU, quantized
-    on ``n`` levels with a straight-through estimator; ``alpha`` gets the gradient of the clipped
-    elements, as ``torch.where(x >= alpha, alpha, relu(x))`` gives it."""
-    s = (alpha.detach() / n).clamp_min(MIN_SCALE)
-    res = _run(_learned_clip_body, _flat(x), alpha.reshape(()), s.reshape(()), with_mask=with_mask)
-    return _unflat(res[0], x), (_unflat(res[1], x) if with_mask else _no_mask(x))
-
-
-@learned_clip_fake_quant.register_fake
-def _(x, alpha, n, with_mask):
-    return _empty_like(x), _empty_like(x, torch.uint8) if with_mask else _no_mask(x)
-
-
-@torch.library.custom_op("gdrq::learned_clip_grad", mutates_args=())
-def learned_clip_grad(grad: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """The gradients of :func:`learned_clip_fake_quant`: for ``x``, and for ``alpha`` element-wise
-    (the caller sums it to ``alpha``'s shape as autograd sums a broadcast)."""
-    grad = grad.contiguous(memory_format=_format(mask))
-    gx, ga = _run(_learned_clip_grad_body, _flat(grad), _flat(mask))
-    return _unflat(gx, mask), _unflat(ga, mask)
-
-
-@learned_clip_grad.register_fake
-def _(grad, mask):
-    return _empty_like(mask, grad.dtype), _empty_like(mask, grad.dtype)
-
-
-def _learned_clip_backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None):
-    if grad is None:
-        return None, None, None, None
-    (mask,) = ctx.saved_tensors
-    gx, ga = learned_clip_grad(grad, mask)
-    return gx, ga.sum_to_size(ctx.alpha_shape), None, None
-
-
-def _save_learned_clip(ctx, inputs, output) -> None:
-    ctx.save_for_backward(output[1])
-    ctx.alpha_shape = inputs[1].shape
-    ctx.set_materialize_grads(False)
-
-
-learned_clip_fake_quant.register_autograd(_learned_clip_backward, setup_context=_save_learned_clip)
-
-
-def _mask_backward(ctx, grad: Tensor | None, _grad_mask: Tensor | None):
-    (mask,) = ctx.saved_tensors
-    return (None if grad is None else masked_grad(grad, mask, ctx.product),) + (None,) * (ctx.num_inputs - 1)
-
-
-def _saving_mask(product: bool) -> Callable:
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(output[1])
-        ctx.num_inputs, ctx.product = len(inputs), product
-        ctx.set_materialize_grads(False)  # no zero-filled gradient for the mask output
-
-    return setup_context
-
-
-fake_quant.register_autograd(_mask_backward, setup_context=_saving_mask(False))
-scale_clip_fake_quant.register_autograd(_mask_backward, setup_context=_saving_mask(False))
-hwgq.register_autograd(_mask_backward, setup_context=_saving_mask(True))
-
-
-def _save_alpha(ctx, inputs, output) -> None:
-    ctx.save_for_backward(inputs[1])
-
-
-def _rows_backward(ctx, grad: Tensor):
-    (alpha,) = ctx.saved_tensors
-    return scaled_rows(grad, alpha, False), None, None
-
-
-scaled_rows.register_autograd(_rows_backward, setup_context=_save_alpha)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import kernels as K
+from . import ops as O
 from .kernels import MIN_SCALE
 
 
@@ -88,7 +89,7 @@ def fake_quant_signed(x: Tensor, alpha: Tensor, bits: int, axis: int | None = No
     """
     if not K.fast_ok(x):
         return _reference_fake_quant(x, alpha.detach().float(), bits, axis, signed=True)
-    return K.fake_quant(x, alpha.float(), signed_levels(bits), True, axis, K.HALF, K.needs_grad(x))[0]
+    return O.fake_quant(x, alpha.float(), signed_levels(bits), True, axis, K.HALF, K.needs_grad(x))[0]
 
 
 def fake_quant_unsigned(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
@@ -99,7 +100,7 @@ def fake_quant_unsigned(x: Tensor, alpha: Tensor, bits: int, axis: int | None = 
     """
     if not K.fast_ok(x):
         return _reference_fake_quant(x, alpha.detach().float(), bits, axis, signed=False)
-    return K.fake_quant(x, alpha.float(), unsigned_levels(bits), False, axis, K.HALF, K.needs_grad(x))[0]
+    return O.fake_quant(x, alpha.float(), unsigned_levels(bits), False, axis, K.HALF, K.needs_grad(x))[0]
 
 
 def relu_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None) -> Tensor:
@@ -108,6 +109,14 @@ def relu_fake_quant(x: Tensor, alpha: Tensor, bits: int, axis: int | None = None
     if not K.fast_ok(x):
         return _reference_fake_quant(torch.relu(x), alpha.detach().float(), bits, axis, signed=False)
     return fake_quant_unsigned(x, alpha, bits, axis)
+
+
+def relu_mean(x: Tensor) -> Tensor:
+    """``mean(relu(x))`` (detached), accumulated in float64 and returned as float32 ``[1]``:
+    one pass over ``x`` for the fused dtypes, without writing a ReLU tensor."""
+    x = x.detach()
+    total = O.relu_sum(x) if K.fast_ok(x) else torch.relu(x).sum(dtype=torch.float64)
+    return (total / x.numel()).float().reshape(1)
 
 
 def scale_clip_fake_quant(w: Tensor, groups: int, k: Tensor | float, bits: int) -> Tensor:
@@ -121,7 +130,7 @@ def scale_clip_fake_quant(w: Tensor, groups: int, k: Tensor | float, bits: int) 
         t = scale_clip_threshold(w, groups, k)
         return _reference_fake_quant(clip_symmetric(w, t), t.float(), bits, 0, signed=True)
     k = k if isinstance(k, Tensor) else torch.tensor(float(k), device=w.device)
-    return K.scale_clip_fake_quant(w, k, groups, signed_levels(bits), K.needs_grad(w))[0]
+    return O.scale_clip_fake_quant(w, k, groups, signed_levels(bits), K.needs_grad(w))[0]
 
 
 def _expand_channels(v: Tensor, channels: int) -> Tensor:
@@ -203,7 +212,7 @@ def clip_symmetric(w: Tensor, threshold: Tensor, axis: int = 0) -> Tensor:
     if not K.fast_ok(w) or t.dtype != w.dtype:
         t = expand_bshape(t, w, axis)
         return torch.clamp(w, -t, t)
-    return K.fake_quant(w, t, 0, True, axis, K.HALF, K.needs_grad(w))[0]
+    return O.fake_quant(w, t, 0, True, axis, K.HALF, K.needs_grad(w))[0]
 
 
 class BinarizeSTE(torch.autograd.Function):
@@ -222,7 +231,7 @@ def binarize(w: Tensor, groups: int) -> Tensor:
     """Binary weights ``alpha_g * sign(w)``, ``alpha_g = mean(|w_g|)`` over each group (BWN)."""
     alpha = group_abs_mean(w, groups)
     if K.fast_ok(w):
-        return K.scaled_rows(w, alpha, True)
+        return O.scaled_rows(w, alpha, True)
     return expand_bshape(alpha, w, 0) * BinarizeSTE.apply(w)
 
 

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gdrq_lightning import QuantConfig, quantize_model
 from gdrq_lightning.quant import ActQuantizer, WeightQuantizer
 from gdrq_lightning.quant import kernels as K
+from gdrq_lightning.quant import ops as O
 from gdrq_lightning.quant import primitives as P
 
 from test_fast_paths import ALPHAS, bits_equal, hard_inputs, ref_signed, ref_unsigned
@@ -151,13 +152,13 @@ def test_channels_last_activations_keep_their_layout() -> None:
 def test_fake_implementations_match_the_real_outputs() -> None:
     """Compiled graphs plan memory from the fake implementations: shapes, dtypes and strides must agree."""
     cases = [
-        (K.fake_quant, (torch.randn(8, 3, 2, 2), torch.rand(4), 7, True, 0, K.HALF, True)),
-        (K.fake_quant, (torch.randn(2, 8, 3, 3).to(memory_format=torch.channels_last), torch.tensor(1.0), 15, False, None, K.HALF, True)),
-        (K.fake_quant, (torch.randn(2, 4, 3, 3), torch.rand(2), 15, False, 1, K.HALF, False)),
-        (K.scale_clip_fake_quant, (torch.randn(8, 3, 3, 3), torch.tensor(2.0), 4, 7, True)),
-        (K.hwgq, (torch.randn(2, 4, 3, 3), 0.5, 3, True, True)),
-        (K.scaled_rows, (torch.randn(8, 3, 3, 3), torch.rand(8), True)),
-        (K.learned_clip_fake_quant, (torch.randn(2, 4, 3, 3), torch.tensor([1.5]), 15, True)),
+        (O.fake_quant, (torch.randn(8, 3, 2, 2), torch.rand(4), 7, True, 0, K.HALF, True)),
+        (O.fake_quant, (torch.randn(2, 8, 3, 3).to(memory_format=torch.channels_last), torch.tensor(1.0), 15, False, None, K.HALF, True)),
+        (O.fake_quant, (torch.randn(2, 4, 3, 3), torch.rand(2), 15, False, 1, K.HALF, False)),
+        (O.scale_clip_fake_quant, (torch.randn(8, 3, 3, 3), torch.tensor(2.0), 4, 7, True)),
+        (O.hwgq, (torch.randn(2, 4, 3, 3), 0.5, 3, True, True)),
+        (O.scaled_rows, (torch.randn(8, 3, 3, 3), torch.rand(8), True)),
+        (O.learned_clip_fake_quant, (torch.randn(2, 4, 3, 3), torch.tensor([1.5]), 15, True)),
     ]
     for op, args in cases:
         real = op(*args)

@@ -173,11 +173,11 @@ def test_activation_ema_initialised_updated_in_train_frozen_in_eval() -> None:
     assert not bool(q.initialized) and q.running_abs_mean.item() == 0.0
     q.train()
     q(x1)
-    m1 = torch.relu(x1).mean()
+    m1 = torch.relu(x1).double().mean().float()  # the batch mean, accumulated in float64
     assert bool(q.initialized)
     exact(q.running_abs_mean, m1.reshape(1))
     q(x2)
-    m2 = 0.9 * m1 + 0.1 * torch.relu(x2).mean()
+    m2 = 0.9 * m1 + 0.1 * torch.relu(x2).double().mean().float()
     assert_close(q.running_abs_mean, m2.reshape(1), atol=1e-7, rtol=1e-6)
     exact(q.threshold(), 4.0 * q.running_abs_mean)
     q.eval()

@@ -193,8 +193,7 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
         axis = 1 if self.act_groups > 1 else None
         if quant and self.upper is None:  # ReLU and fake-quant in one op; statistics from relu(x)
             if self.training:
-                with torch.no_grad():
-                    self._observe(torch.relu(x))
+                self._record(self._relu_stats(x))
             return P.relu_fake_quant(x, self.threshold(), self.bits, axis=axis)
         y = self.act(x)
         if self.training:
@@ -258,12 +257,26 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
         self._set_k(P.best_clip_factor(grid, errors), seen=errors.sum() > 0)
 
     @torch.no_grad()
-    def _observe(self, y: Tensor) -> None:
+    def _batch_stats(self, y: Tensor) -> Tensor:
+        """This batch's statistic of the activation ``y``, float32 ``[act_groups]``."""
         if self.act_groups == 1:
-            stats = (y.mean() if self.scale_clip else y.amax()).reshape(1).float()
-        else:
-            per_group = self._grouped(y)
-            stats = (per_group.mean(dim=1) if self.scale_clip else per_group.amax(dim=1)).float()
+            return P.relu_mean(y) if self.scale_clip else y.amax().reshape(1).float()
+        per_group = self._grouped(y)
+        return (per_group.mean(dim=1) if self.scale_clip else per_group.amax(dim=1)).float()
+
+    @torch.no_grad()
+    def _relu_stats(self, x: Tensor) -> Tensor:
+        """:meth:`_batch_stats` of ``relu(x)``, per tensor without writing the ReLU's output."""
+        if self.act_groups > 1:
+            return self._batch_stats(torch.relu(x))
+        return P.relu_mean(x) if self.scale_clip else x.detach().amax().clamp_min(0.0).reshape(1).float()
+
+    def _observe(self, y: Tensor) -> None:
+        self._record(self._batch_stats(y))
+
+    @torch.no_grad()
+    def _record(self, stats: Tensor) -> None:
+        """Fold a batch statistic into the EMA (under DDP after the step, with every rank's)."""
         if self._pending is not None:  # the last step was never synchronised (no callback): now
             self.apply_statistics(reduce_(self._pending, self.reduction))
         if self._ema_ready and world_size() > 1:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import kernels as K
+from .. import ops as O
 from .. import primitives as P
 from ..config import Method, QuantConfig
 from ..kernels import fast_ok
@@ -59,7 +60,7 @@ def hwgq(x: Tensor, step: float, bits: int, backward: str = "clipped") -> Tensor
     mask for the ``relu`` and ``clipped`` backward approximators."""
     if backward == "log_tailed" or not fast_ok(x):
         return HWGQReference.apply(x, step, bits, backward)
-    return K.hwgq(x, step, P.unsigned_levels(bits), backward == "clipped", K.needs_grad(x))[0]
+    return O.hwgq(x, step, P.unsigned_levels(bits), backward == "clipped", K.needs_grad(x))[0]
 
 
 def hwgq_mse(step: float, bits: int, points: int = 200_001, x_max: float = 12.0) -> float:

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import kernels as K
+from .. import ops as O
 from .. import primitives as P
 from ..config import Method, QuantConfig
 from ..kernels import MIN_SCALE
@@ -47,7 +48,7 @@ def pact_act(x: Tensor, alpha: Tensor, bits: int, decay: float = 0.0) -> Tensor:
         alpha = _L2Grad.apply(alpha, decay)
     n = P.unsigned_levels(bits)
     if K.fast_ok(x) and alpha.numel() == 1 and alpha.dtype == x.dtype:  # the same math as one op
-        return K.learned_clip_fake_quant(x, alpha, n, torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad))[0]
+        return O.learned_clip_fake_quant(x, alpha, n, torch.is_grad_enabled() and (x.requires_grad or alpha.requires_grad))[0]
     # ``where`` rather than ``minimum``: at ``x == alpha`` the gradient goes to alpha, not half/half
     y = torch.where(x >= alpha, alpha, torch.relu(x))
     s = (alpha.detach() / n).clamp_min(MIN_SCALE)
