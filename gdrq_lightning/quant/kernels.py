@@ -37,6 +37,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+_ROWS_BUFFER = 1 << 20  # elements (4 MiB of float32) of |w| that abs_mean_rows keeps in cache
 MIN_SCALE = 1e-8  # guards all-zero weight groups / dead activations against a zero step
 FULL, HALF, QUARTER = 4, 2, 1  # mask codes: 4 x the gradient factor
 BACKENDS = ("auto", "eager")
@@ -253,3 +254,18 @@ def _grad_body(g: Tensor, mask: Tensor, *, product: bool) -> tuple[Tensor]:
     factor = mask.float() * 0.25  # compared as floats: byte comparisons vectorise poorly
     scaled = g.float() * factor
     return ((scaled if product else torch.where(factor > 0, scaled, 0.0)).to(g.dtype),)
+
+
+def abs_mean_rows(wv: Tensor) -> Tensor:
+    """``wv.abs().mean(dim=1)`` of a ``[G, L]`` tensor, bit for bit, without writing ``|wv|`` to
+    memory whole on a CPU: two rows at a time through one cache-sized buffer. Two rows, because
+    ATen reduces those as it reduces the rows of the whole tensor (each row in one thread, in
+    the same order, at any thread count); a single row would be split across threads."""
+    g, length = wv.shape
+    if wv.device.type != "cpu" or g < 3 or 2 * length > _ROWS_BUFFER:
+        return wv.abs().mean(dim=1)
+    buf, out = wv.new_empty(2, length), wv.new_empty(g)
+    for i in range(0, g, 2):
+        j = min(i, g - 2)  # an odd last row goes with the one before it again
+        torch.mean(torch.abs(wv[j : j + 2], out=buf), dim=1, out=out[j : j + 2])
+    return out

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .kernels import (
-    MIN_SCALE, QUARTER, _channels_last, _clip_body, _empty_like, _flat, _grad_body, _grouped, _hwgq_body,
+    MIN_SCALE, abs_mean_rows, QUARTER, _channels_last, _clip_body, _empty_like, _flat, _grad_body, _grouped, _hwgq_body,
     _learned_clip_body, _learned_clip_grad_body, _relu_sum_body, _run, _shaped, _sign_body, _signed_body,
     _unflat, _unsigned_body, needs_grad,
 )
@@ -76,7 +76,7 @@ def _scale_clip_fake_quant(w: Tensor, k: Tensor, groups: int, n: int, with_mask:
     :func:`~.primitives.scale_clip_threshold` bit for bit), clip to ``[-T_g, T_g]`` and
     fake-quantize there; a weight on ``T_g > 0`` gets 1/4 of its gradient (two clamps)."""
     wv = w.reshape(groups, -1)
-    t = (k * wv.abs().mean(dim=1)).float().reshape(-1, 1)
+    t = (k * abs_mean_rows(wv)).float().reshape(-1, 1)
     if groups == 1:  # flat with a 0-dim threshold, as every per-tensor kernel runs
         wv, t = wv.reshape(-1), t.reshape(())
     res = _run(_signed_body, wv, t, *_grid(t, n), _scalar(n, w.device), _scalar(QUARTER, w.device), with_mask=with_mask)

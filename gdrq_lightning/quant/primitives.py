@@ -193,7 +193,7 @@ def integer_codes_signed(x: Tensor, alpha: Tensor, bits: int, axis: int = 0) -> 
 
 def group_abs_mean(w: Tensor, groups: int) -> Tensor:
     """``mean(|W_g|)`` for ``G`` contiguous groups along dim 0; returns ``[G]``."""
-    return w.detach().abs().reshape(groups, -1).mean(dim=1)
+    return K.abs_mean_rows(w.detach().reshape(groups, -1))
 
 
 def group_abs_max(w: Tensor, groups: int) -> Tensor:

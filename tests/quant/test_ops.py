@@ -120,3 +120,20 @@ def test_relu_mean_is_the_float64_accumulated_mean_on_every_backend(dtype: torch
     bits_equal(P.relu_mean(x.double()), expected)  # the reference path of other dtypes
     assert P.relu_mean(x.to("meta")).shape == (1,)
     assert torch.isnan(P.relu_mean(torch.empty(0, 3))).all()  # no batch: no number, as ``mean`` gives
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_weight_group_means_equal_atens_reduction_at_any_thread_count(threads: int) -> None:
+    """Scale-Clip thresholds are ``k * w.abs().mean(dim=1)`` bit for bit: computing them two rows at a
+    time (no |w| tensor of the whole layer) must not change the summation order."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for groups, length in [(8, 73728), (3, 40000), (5, 4608), (16, 1152), (2, 9), (1, 300)]:
+            wv = torch.randn(groups, length) * 0.05
+            identical(K.abs_mean_rows(wv), wv.abs().mean(dim=1))
+        w = nn.Parameter(torch.randn(64, 32, 3, 3))
+        q = WeightQuantizer(QuantConfig(method="gdrq", weight_bits=4, groups=8, k_w=2.0), 64)
+        identical(q.threshold(w), 2.0 * w.detach().abs().reshape(8, -1).mean(dim=1))
+    finally:
+        torch.set_num_threads(before)
