@@ -215,4 +215,4 @@ def test_quantized_resnet18_runs_at_most_two_and_a_half_times_the_float_ops() ->
     float_ops = _ops_per_step(torchvision.models.resnet18(num_classes=10))
     cfg = QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=8)  # k_a: auto, calibrated on meta too
     quant_ops = _ops_per_step(quantize_model(torchvision.models.resnet18(num_classes=10), cfg))
-    assert quant_ops <= 2.5 * float_ops, (quant_ops, float_ops)  # measured: 1.3x (36 quantizers, 1 op each way)
+    assert quant_ops <= 2.5 * float_ops, (quant_ops, float_ops)  # measured: 1.43x (36 quantizers, 1 op each way)
