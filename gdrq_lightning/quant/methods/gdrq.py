@@ -260,7 +260,7 @@ class ThresholdActQuantizer(_CalibratedK, ActQuantizer):
     def _batch_stats(self, y: Tensor) -> Tensor:
         """This batch's statistic of the activation ``y``, float32 ``[act_groups]``."""
         if self.act_groups == 1:
-            return P.relu_mean(y) if self.scale_clip else y.amax().reshape(1).float()
+            return P.relu_mean(y) if self.scale_clip else y.amax().reshape(1).float()  # y >= 0: relu_mean is its mean
         per_group = self._grouped(y)
         return (per_group.mean(dim=1) if self.scale_clip else per_group.amax(dim=1)).float()
 
