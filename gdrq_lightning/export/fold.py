@@ -14,13 +14,9 @@ import torch
 from torch import nn
 
 from ..quant import QuantConv2d, QuantLinear
+from ..utils.modules import set_submodule
 from .layers import INTEGER_LAYER_TYPES, IntegerConv2d, IntegerLinear
 from .pairing import Pairing, find_conv_bn_pairs
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
 
 
 def _float_layer(layer: QuantConv2d | QuantLinear, name: str) -> nn.Module:
@@ -72,7 +68,7 @@ def fold_with_pairing(model: nn.Module, *, inplace: bool = False) -> tuple[nn.Mo
             bn_name = pairing.pairs.get(name)
             if isinstance(new, IntegerConv2d) and bn_name and _bn_can_fold(model.get_submodule(bn_name)):
                 _fold_into(new, model.get_submodule(bn_name), bn_name)
-        set_module(model, name, built[id(layer)])
+        set_submodule(model, name, built[id(layer)])
     return model, pairing
 
 

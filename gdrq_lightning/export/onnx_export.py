@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .build import build_qdq_model
 from .fold import fold_groups_into_bn
 from .integer import pack_bits
 from .layers import INTEGER_LAYER_TYPES
-from .qdq import QDQWeightLayer, build_qdq_model
+from .qdq import QDQWeightLayer
 from .wiring import as_args
 
 DEFAULT_OPSET = 17

@@ -23,10 +23,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from .build import build_qdq_model
 from .fold import fold_with_pairing
 from .integer import fp32_bytes, save_integer
 from .layers import INTEGER_LAYER_TYPES
-from .qdq import QDQAct, QDQWeightLayer, build_qdq_model
+from .qdq import QDQAct, QDQWeightLayer
 from .wiring import as_args
 
 Captured = dict[str, list[Tensor]]

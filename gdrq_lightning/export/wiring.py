@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .fold import set_module
+from ..utils.modules import set_submodule
 from .qdq import QDQAct, QDQWeightLayer, output_grid
 
 PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, nn.Dropout, nn.Dropout2d)  # in eval: x itself
@@ -183,13 +183,13 @@ def _quantize_after_pools(model: nn.Module, pools: dict[str, str], args: tuple[A
     before = model(*args)
     for pool, act in pools.items():
         quantizer = model.get_submodule(act)
-        set_module(model, act, nn.Identity())
-        set_module(model, pool, nn.Sequential(model.get_submodule(pool), quantizer))
+        set_submodule(model, act, nn.Identity())
+        set_submodule(model, pool, nn.Sequential(model.get_submodule(pool), quantizer))
         quantizer.guard = True
         if not _same(before, model(*args)):
             quantizer.guard = False
-            set_module(model, pool, model.get_submodule(pool)[0])
-            set_module(model, act, quantizer)
+            set_submodule(model, pool, model.get_submodule(pool)[0])
+            set_submodule(model, act, quantizer)
 
 
 def _same(a: Any, b: Any) -> bool:

@@ -17,8 +17,8 @@ from gdrq_lightning.checkpoint import load_quantized_module
 from gdrq_lightning.cli import main
 from gdrq_lightning.export import export_model, run_onnxruntime
 from gdrq_lightning.export.accuracy import calibration_inputs, datamodule_from_config, match_detections
+from gdrq_lightning.export.build import build_qdq_model
 from gdrq_lightning.export.fold import fold_groups_into_bn
-from gdrq_lightning.export.qdq import build_qdq_model
 from tasks.detection import DetectionModule, make_digits_coco
 from tasks.segmentation import SegmentationModule, make_digits_voc
 

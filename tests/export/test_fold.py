@@ -9,8 +9,8 @@ from torch import nn
 
 from gdrq_lightning import QuantConfig, quantize_model
 from gdrq_lightning.export import IntegerConv2d, IntegerLinear, PairingError, fold_groups_into_bn
+from gdrq_lightning.export.build import build_qdq_model
 from gdrq_lightning.export.fold import fold_with_pairing
-from gdrq_lightning.export.qdq import build_qdq_model
 from gdrq_lightning.export.report import layer_report
 
 

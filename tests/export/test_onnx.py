@@ -24,8 +24,9 @@ from torch import nn
 
 from gdrq_lightning import QuantConfig, quantize_model
 from gdrq_lightning.export import export_model, kernel_summary, optimized_op_counts, run_onnxruntime, to_onnx
+from gdrq_lightning.export.build import build_qdq_model
 from gdrq_lightning.export.fold import fold_groups_into_bn
-from gdrq_lightning.export.qdq import QDQAct, build_qdq_model
+from gdrq_lightning.export.qdq import QDQAct
 from gdrq_lightning.export.report import layer_report
 from gdrq_lightning.quant import ActGrid
 from gdrq_lightning.quant.methods import hwgq as hwgq_m
@@ -187,7 +188,9 @@ class _SegNet(nn.Module):
 
 
 def test_export_model_takes_the_main_map_of_a_segmentation_model(models, tmp_path):
-    from tasks.segmentation.models import MainOutput  # what SegmentationModule.export_network() returns
+    from tasks.segmentation.models import (
+        MainOutput,  # what SegmentationModule.export_network() returns
+    )
 
     model = _SegNet(models.tiny(method="gdrq", weight_bits=4, act_bits=4, groups=4))
     with pytest.raises(TypeError, match="dict with keys"):

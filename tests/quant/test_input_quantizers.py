@@ -88,8 +88,8 @@ def test_bad_patterns_and_bits_fail_naming_the_problem():
 def test_a_neck_with_input_quantizers_exports_as_integer_kernels(tmp_path):
     pytest.importorskip("onnxruntime")
     from gdrq_lightning.export import kernel_summary, optimized_op_counts, run_onnxruntime, to_onnx
+    from gdrq_lightning.export.build import build_qdq_model
     from gdrq_lightning.export.fold import fold_groups_into_bn
-    from gdrq_lightning.export.qdq import build_qdq_model
 
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     counts = {}
