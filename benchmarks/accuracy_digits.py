@@ -109,8 +109,8 @@ K_A = Knob("k_a", (4.0, 6.0, 8.0), 4.0)
 PACT_ALPHA = Knob("pact_alpha_init", (3.0, 6.0, 10.0), 6.0)
 LR_SCALE = Knob("lr_scale", (0.5, 1.0, 2.0), 1.0)
 
-FIXED = {"k_a": 4.0}  # SPEC's former default, kept explicit so records before "auto" stay comparable
-AUTO = {"k_w": "auto", "k_a": "auto"}  # calibrated factors (SPEC §2, revised)
+FIXED = {"k_a": 4.0}  # the former fixed default, kept explicit so records before "auto" stay comparable
+AUTO = {"k_w": "auto", "k_a": "auto"}  # calibrated factors (docs/methods.md#scale-clip)
 
 ROWS = [
     Row("FP32", "ours", {"method": "none"}),

@@ -6,8 +6,8 @@ cached in ``--cache-dir``); every row then fine-tunes that model with the task's
 quickstart fine-tune config — same data, optimizer, learning rate, epochs and phase schedule
 (FP32 continues with no quantizer) — changing only the ``QuantConfig``:
 
-* ``GDRQ defaults``: SPEC's fixed factors ``k_w = 2``, ``k_a = 4``;
-* ``GDRQ k_a auto``: SPEC's revised defaults, what the quickstarts ship: ``k_w = 2``, ``k_a: auto``;
+* ``GDRQ defaults``: the former fixed factors ``k_w = 2``, ``k_a = 4``;
+* ``GDRQ k_a auto``: the current defaults, what the quickstarts ship: ``k_w = 2``, ``k_a: auto``;
 * ``GDRQ auto``: ``k_w: auto`` too;
 * ``PACT``, ``LSQ``: their defaults (PACT alpha init 6; LSQ steps from the first batch).
 

@@ -27,6 +27,7 @@ import torchvision
 from torch import nn
 
 from gdrq_lightning import QuantConfig, quantize_model
+from gdrq_lightning.utils.modules import set_submodule
 
 MODELS = ("resnet18", "mobilenet_v3_small")
 
@@ -112,8 +113,7 @@ def brevitas_swap(model: nn.Module, weight_bits: int, act_bits: int) -> nn.Modul
             else:
                 new = qnn.QuantReLU(bit_width=act_bits)
             swapped[id(m)] = new.to(next(model.parameters()).device).train(m.training)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, swapped[id(m)])
+        set_submodule(model, name, swapped[id(m)])
     return model
 
 

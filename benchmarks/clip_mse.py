@@ -1,6 +1,6 @@
 """Quantization error of GDRQ's fixed clips, ``T = k * mean|x|``, against ``k``.
 
-Scale-Clip picks its clip as a multiple of the mean magnitude (SPEC §2: ``k_w = 2`` for
+Scale-Clip picks its clip as a multiple of the mean magnitude (docs/methods.md#scale-clip: ``k_w = 2`` for
 weights, ``k_a = 4`` for activations). ``k_w = 2`` is exact for the distribution Scale-Clip
 trains towards (uniform on ``[-T, T]`` has ``mean|w| = T / 2``), but a pretrained network
 starts from bell-shaped weights and ReLU outputs of roughly Gaussian inputs. This prints
@@ -24,7 +24,7 @@ from gdrq_lightning.quant import primitives as P
 
 K_WEIGHTS = (1.0, 1.33, 1.5, 2.0, 2.5, 3.0, 4.0)
 K_ACTS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 10.0)
-SPEC_DEFAULT = {"weights": 2.0, "activations": 4.0}
+FIXED_DEFAULT = {"weights": 2.0, "activations": 4.0}
 
 
 def weight_mse(w: torch.Tensor, k: float, bits: int) -> float:
@@ -60,11 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     n = 20_000 if args.quick else args.samples
     print(f"# clip MSE: {n} draws per distribution, seed {args.seed}; cells are MSE / best MSE of the row, "
-          "* marks the SPEC default k")
+          "* marks the former fixed default k")
     inputs = rows(n, args.seed)
     for kind, ks in (("weights", K_WEIGHTS), ("activations", K_ACTS)):
         print(f"\n### {kind}: T = k * mean|x|\n")
-        print("| input | bits | " + " | ".join(f"k={k:g}" + ("*" if k == SPEC_DEFAULT[kind] else "") for k in ks)
+        print("| input | bits | " + " | ".join(f"k={k:g}" + ("*" if k == FIXED_DEFAULT[kind] else "") for k in ks)
               + " | best k | best MSE |")
         print("|---|---:|" + "---:|" * len(ks) + "---:|---:|")
         for row_kind, name, bits, x, mse in inputs:

@@ -1,6 +1,6 @@
 """gdrq-lightning: low-bit quantization-aware training of vision networks for Lightning.
 
-Public interface (SPEC §7): :class:`QuantConfig`, :func:`quantize_model`,
+Public interface (docs/methods.md#public-interface): :class:`QuantConfig`, :func:`quantize_model`,
 :func:`quantized_layers`, :class:`GDRQCallback` and :mod:`gdrq_lightning.export`; beside
 them :class:`QuantMonitor` (statistics and plots) and :class:`QuantTask` (what a
 LightningModule implements to be quantized). Lightning-dependent names load lazily so the

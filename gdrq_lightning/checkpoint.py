@@ -7,7 +7,6 @@ Constructing a task module reads no file (pretrained weights load in its ``setup
 """
 from __future__ import annotations
 
-import importlib
 import os
 import pickle
 import zipfile
@@ -18,6 +17,7 @@ import torch
 
 from .quant import QuantConfig, quantize_model
 from .task import quant_network, resolve_config
+from .utils.modules import import_object
 
 
 class CheckpointError(ValueError):
@@ -55,10 +55,9 @@ def load_quantized_module(path: str) -> pl.LightningModule:
     ckpt = load_checkpoint(path)
     state = gdrq_state(ckpt, path)
     class_path = state.get("module") or ckpt.get("hyper_parameters", {}).get("_class_path", "")
-    module_name, _, class_name = class_path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
+        cls = import_object(class_path)
+    except ImportError:
         raise CheckpointError(f"{path}: cannot import the module class {class_path!r}") from None
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     module = cls(**hparams)

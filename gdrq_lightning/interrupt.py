@@ -19,7 +19,7 @@ from pytorch_lightning.callbacks import Checkpoint
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from .monitoring import run_dir
+from .utils.run import run_dir
 
 
 class InterruptCheckpoint(Checkpoint):

@@ -11,25 +11,22 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning import Trainer
 from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor, nn
 
+from .callback import GDRQCallback
 from .quant import quantized_layers
 from .quant.primitives import expand_bshape
 from .task import quant_network
-
-if TYPE_CHECKING:
-    from .callback import GDRQCallback
+from .utils.run import log_histograms, log_image, log_metrics, run_dir
 
 
 def _k(quantizer: nn.Module) -> dict[str, float]:
-    """The clip factor ``quantizer.k`` (SPEC §7) of methods that have one."""
+    """The clip factor ``quantizer.k`` (docs/methods.md#public-interface) of methods that have one."""
     k = getattr(quantizer, "k", None)
     return {"k": float(k)} if isinstance(k, Tensor) else {}
 
@@ -106,8 +103,6 @@ class QuantMonitor(Callback):
         self._target = quant_network(pl_module)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        from .callback import GDRQCallback  # here, not at the top: the callback imports this module
-
         self._schedule = next((cb for cb in trainer.callbacks if isinstance(cb, GDRQCallback)), None)
         self._phases_seen = len(self._schedule.done) if self._schedule else 0  # a resumed run's phases are not new
 
@@ -167,29 +162,6 @@ class QuantMonitor(Callback):
         )
 
 
-def log_metrics(trainer: Trainer, metrics: dict[str, float], step: int) -> None:
-    """Send plain scalars to every logger of the trainer (rank zero only)."""
-    if trainer.is_global_zero and metrics:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-
-
-def log_histograms(trainer: Trainer, tensors: dict[str, Tensor], step: int) -> None:
-    """Weight histograms: ``wandb.Histogram`` for W&B, ``add_histogram`` for TensorBoard."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            logger.experiment.log(
-                {k: wandb.Histogram(v.detach().float().cpu().numpy().ravel()) for k, v in tensors.items()}
-            )
-        elif isinstance(logger, TensorBoardLogger):
-            for k, v in tensors.items():
-                logger.experiment.add_histogram(k, v.detach().float().cpu(), global_step=step)
-
-
 def save_distribution_plot(path: str, title: str, series: dict[str, Tensor]) -> str:
     """One PNG with overlaid histograms (e.g. raw vs Scale-Clip vs quantized weights)."""
     import matplotlib
@@ -210,20 +182,3 @@ def save_distribution_plot(path: str, title: str, series: dict[str, Tensor]) -> 
     fig.savefig(path)
     plt.close(fig)
     return path
-
-
-def log_image(trainer: Trainer, key: str, path: str) -> None:
-    """Attach a saved PNG to W&B (other loggers keep the file in the run directory)."""
-    if not trainer.is_global_zero:
-        return
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(key=key, images=[path])
-
-
-def run_dir(trainer: Trainer) -> str:
-    """The run's own directory (where Lightning puts its checkpoints), or the trainer's root dir."""
-    logger = trainer.logger
-    if isinstance(logger, WandbLogger):
-        return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), str(logger.version))
-    return (logger.log_dir if logger is not None else None) or trainer.default_root_dir

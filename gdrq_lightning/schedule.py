@@ -1,4 +1,4 @@
-"""The quantization schedule: when each phase begins (SPEC §6).
+"""The quantization schedule: when each phase begins (docs/methods.md#schedule).
 
 Phases, in order: ``fp`` (implicit, before any other) -> ``scale_clip`` ->
 ``quant_weights`` -> ``quant_acts`` -> ``groups`` -> ``freeze_bn`` -> ``freeze_act_stats``.
@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
 
-PHASES: tuple[str, ...] = ("scale_clip", "quant_weights", "quant_acts", "groups", "freeze_bn")  # SPEC §6
-OPTIONAL_PHASES: tuple[str, ...] = ("freeze_act_stats",)  # ours, after SPEC's; skipped unless scheduled
+PHASES: tuple[str, ...] = ("scale_clip", "quant_weights", "quant_acts", "groups", "freeze_bn")  # docs/methods.md#schedule
+OPTIONAL_PHASES: tuple[str, ...] = ("freeze_act_stats",)  # optional, after the five above; skipped unless scheduled
 ALL_PHASES = PHASES + OPTIONAL_PHASES
 Unit = Literal["epoch", "step"]
 PhaseStart = Union[int, str, None]

@@ -1,5 +1,5 @@
 """Pieces every task's LightningModule shares: the quantization contract, optimizer + LR
-schedule, loss guard.
+schedule, loss guard, the per-epoch validation picture and the class-count check.
 
 Quantizer parameters (learned clips and steps) get no weight decay here: a method that
 wants a decay on them applies its own term, and learned steps must not be pulled
@@ -7,16 +7,19 @@ towards zero.
 """
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
-from typing import Any, Literal, Union
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Union
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from gdrq_lightning.callback import check_quantizers_finite
 from gdrq_lightning.quant.distributed import reduce_, world_size
+from gdrq_lightning.training.guards import check_quantizers_finite
+from gdrq_lightning.utils.run import log_image, run_dir
 
 OptimizerName = Literal["sgd", "adamw"]
 SchedulerName = Literal["cosine", "poly", "none"]
@@ -104,25 +107,84 @@ def check_finite(losses: dict[str, Tensor], step: int, model: nn.Module | None =
 
 
 class TaskModule(pl.LightningModule):
-    """Base of the task modules: :class:`gdrq_lightning.task.QuantTask` for a network in ``self.model``.
+    """Base of the task modules: :class:`gdrq_lightning.task.QuantTask` for a network in ``self.model``,
+    the optimizer and its schedule (one set of hyper-parameters for every task), the validation
+    picture of each epoch and the class-count check.
 
     Starting weights load in :meth:`load_pretrained`, once, from ``setup``: after the
     quantization callback's swap and before Lightning restores a ``ckpt_path``.
-    Subclasses say what to load in :meth:`load_starting_weights`.
+    Subclasses say what to load in :meth:`load_starting_weights`, and their own defaults of the
+    optimizer hyper-parameters in :attr:`optim_defaults`.
 
     Args:
+        optimizer: ``sgd`` (Nesterov momentum) or ``adamw``.
+        lr: peak learning rate (default: the task's, see :attr:`optim_defaults`).
+        weight_decay: decay on conv/linear weights, not on norms, biases or quantizer
+            parameters (default: the task's).
+        momentum: SGD momentum.
+        scheduler: per-step learning-rate schedule, ``cosine``, ``poly`` or ``none`` (default: the task's).
+        warmup_steps: linear warm-up steps.
+        poly_power: exponent of the ``poly`` schedule.
         compile: ``torch.compile`` the network in ``setup`` (``true``, or a mapping of
             ``torch.compile`` keyword arguments, e.g. ``{mode: max-autotune}``).
     """
 
     model: nn.Module
+    optim_defaults: ClassVar[dict[str, Any]] = {"lr": 0.01, "weight_decay": 1e-4, "scheduler": "cosine"}
 
-    def __init__(self, compile: CompileOption = False) -> None:  # noqa: A002 (the CLI's name)
+    def __init__(
+        self,
+        *,
+        optimizer: OptimizerName = "sgd",
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        momentum: float = 0.9,
+        scheduler: SchedulerName | None = None,
+        warmup_steps: int = 0,
+        poly_power: float = 0.9,
+        compile: CompileOption = False,  # noqa: A002 (the CLI's name)
+    ) -> None:
         super().__init__()
         if not isinstance(compile, (bool, dict)):
             raise ValueError(f"compile={compile!r} must be true, false or a mapping of torch.compile arguments")
+        given = {"lr": lr, "weight_decay": weight_decay, "scheduler": scheduler}
+        self.optim = {**self.optim_defaults, **{k: v for k, v in given.items() if v is not None},
+                      "optimizer": optimizer, "momentum": momentum, "warmup_steps": warmup_steps, "poly_power": poly_power}
         self._pretrained_loaded = False
         self._compile = compile
+
+    def save_hyperparameters(self, *args: Any, frame: Any = None, **kwargs: Any) -> None:
+        """Lightning's, plus the optimizer settings in use: a subclass passes them on as ``**kwargs``
+        (the CLI passes ``None`` for "the task's default"), and the logged hyper-parameters and the
+        checkpoint should name the values that trained the model."""
+        super().save_hyperparameters(*args, frame=frame or inspect.currentframe().f_back, **kwargs)
+        self.hparams.update(self.optim)
+
+    def configure_optimizers(self) -> dict:
+        return build_optimization(self, **self.optim)
+
+    def check_num_classes(self, needed: int | None, data: str, hint: str = "") -> None:
+        """Fail before the first step when ``self.num_classes`` differs from what the data needs.
+
+        Args:
+            needed: the number the data needs (None: unknown, nothing to check).
+            data: how the data arrives at it, for the message (e.g. ``"20 categories + background = 21"``).
+            hint: appended to the message.
+
+        Raises:
+            ValueError: names both numbers.
+        """
+        if needed is not None and needed != self.num_classes:
+            raise ValueError(f"{type(self).__name__}(num_classes={self.num_classes}) does not match the data: "
+                             f"{data}{hint}")
+
+    def save_val_picture(self, draw: Callable[[Path], None]) -> Path:
+        """``<run dir>/predictions/val_epochNNN.png`` drawn by ``draw(path)``, attached to W&B when
+        that is the logger: the one picture of a few validation predictions per epoch."""
+        path = Path(run_dir(self.trainer)) / "predictions" / f"val_epoch{self.current_epoch:03d}.png"
+        draw(path)
+        log_image(self.trainer, "val/predictions", str(path))
+        return path
 
     def quant_network(self) -> nn.Module:
         return self.model

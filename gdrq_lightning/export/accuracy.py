@@ -8,7 +8,6 @@ scores): how many of PyTorch's confident detections ONNX Runtime also finds.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,7 +15,9 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from torch import Tensor, nn
+from torchvision.ops import box_iou
 
+from ..utils.modules import import_object
 from .onnx_export import run_onnxruntime
 
 IGNORE_INDEX = 255  # the "void" label of dense targets (VOC, Cityscapes), not counted
@@ -29,8 +30,7 @@ def datamodule_from_config(path: str) -> pl.LightningDataModule:
     data = config.get("data")
     if not isinstance(data, dict) or "class_path" not in data:
         raise ValueError(f"{path} has no 'data: {{class_path: ..., init_args: ...}}' section")
-    module_name, _, class_name = data["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    cls = import_object(data["class_path"])
     if not (isinstance(cls, type) and issubclass(cls, pl.LightningDataModule)):
         raise ValueError(f"{path}: data.class_path {data['class_path']!r} is not a LightningDataModule")
     return cls(**(data.get("init_args") or {}))
@@ -119,14 +119,6 @@ def compare_predictions(model: nn.Module, onnx_path: str, datamodule: pl.Lightni
         "metric": metric, "samples": samples, "counted": counted, f"{metric}_pytorch": correct_torch / n,
         f"{metric}_onnxruntime": correct_ort / n, "prediction_agreement": agree / n,
     }
-
-
-def box_iou(a: Tensor, b: Tensor) -> Tensor:
-    """IoU matrix ``[len(a), len(b)]`` of xyxy boxes."""
-    lt, rb = torch.maximum(a[:, None, :2], b[None, :, :2]), torch.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area = lambda t: (t[:, 2:] - t[:, :2]).clamp(min=0).prod(-1)  # noqa: E731
-    return inter / (area(a)[:, None] + area(b)[None, :] - inter).clamp(min=1e-9)
 
 
 def match_detections(ref: tuple[Tensor, ...], got: tuple[Tensor, ...], *, score: float = 0.5, top: int = 10,

@@ -1,5 +1,7 @@
 """Quantization core: shared math (:mod:`.primitives`, :mod:`.kernels`), one module per
-method (:mod:`.methods`), config, quantizer base classes, layers and the swap."""
+method (:mod:`.methods`, registered in :mod:`.registry` when imported here), config, quantizer
+base classes, layers and the swap."""
+from . import methods  # noqa: F401 (each method module registers itself)
 from .calibration import calibrate_weights, calibrating_activations
 from .config import HWGQBackward, Method, QuantConfig
 from .layers import QuantConv2d, QuantLinear, QuantReLU, QuantReLU6

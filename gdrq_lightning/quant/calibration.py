@@ -1,4 +1,4 @@
-"""Model-level calibration of ``auto`` clip factors (SPEC §2, §7): weights from the weights,
+"""Model-level calibration of ``auto`` clip factors (docs/methods.md#scale-clip): weights from the weights,
 activations from forward passes over calibration batches, summed over DDP ranks in one
 collective. The callback decides when; these functions only know the quantizers."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``QuantConfig``: the one description of what to quantize and how (SPEC §7).
+"""``QuantConfig``: the one description of what to quantize and how (docs/methods.md#public-interface).
 
 The dataclass validates itself so a bad YAML value fails at parse time with the
 field, the value and the allowed set in the message.
@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal, Union
+
+from .registry import validators
 
 
 class Method(str, Enum):
@@ -25,7 +27,7 @@ class Method(str, Enum):
 
 
 class HWGQBackward(str, Enum):
-    """HWGQ backward approximator (SPEC §4)."""
+    """HWGQ backward approximator (docs/methods.md#hwgq)."""
 
     relu = "relu"
     clipped = "clipped"
@@ -98,7 +100,7 @@ class QuantConfig:
             factor with the least quantization MSE of its weights at its bit width.
         k_a: Scale-Clip activation factor, ``T_a = k_a * EMA(mean|a|)``; ``"auto"`` (default):
             per layer, the factor with the least quantization MSE of its activations, chosen on
-            calibration batches (SPEC §2).
+            calibration batches (docs/methods.md#scale-clip).
         momentum: EMA momentum of activation statistics.
         act_groups: channel groups with their own activation statistics.
         hwgq_backward: ``relu``, ``clipped`` (default) or ``log_tailed``.
@@ -159,8 +161,6 @@ class QuantConfig:
         Fields every method reads are checked here; a method checks its own options
         (``methods/<name>.py``), and every registered method's check runs.
         """
-        from .methods import validators  # the method modules import this one
-
         _check_int("weight_bits", self.weight_bits, 1, 8, where)
         _check_int("act_bits", self.act_bits, 1, 8, where)
         _check_int("groups", self.groups, 1, None, where)
@@ -171,6 +171,10 @@ class QuantConfig:
             raise ValueError(f"{where}QuantConfig.momentum={self.momentum!r} must be in (0, 1]")
         for check in validators():
             check(self, where)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (enums as strings), safe for ``torch.load(weights_only=True)`` and YAML."""
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in dataclasses.asdict(self).items()}
 
     def for_layer(self, name: str, fields: dict[str, Any]) -> QuantConfig:
         """This config with ``fields`` applied, validated, for the layer ``name``."""

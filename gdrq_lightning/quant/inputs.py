@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .config import QuantConfig
 from .quantizers import ActGrid, ActQuantizer
+from .registry import method_spec
 
 
 class InputQuantizer(nn.Module):
@@ -36,8 +37,6 @@ class InputQuantizer(nn.Module):
 
     def __init__(self, cfg: QuantConfig, layer_name: str = "") -> None:
         super().__init__()
-        from .methods import method_spec  # the method modules import the quantizers
-
         magnitude = method_spec(cfg.method).input
         if magnitude is None:
             raise ValueError(f"layer '{layer_name}': method {cfg.method.value!r} has no input quantizer")

@@ -92,7 +92,7 @@ def _(w, k, groups, n, with_mask):
 
 
 def _hwgq(x: Tensor, step: float, n: int, clipped: bool, with_mask: bool) -> tuple[Tensor, Tensor]:
-    """HWGQ forward (SPEC §4) and the mask of its ``relu`` / ``clipped`` backward."""
+    """HWGQ forward (docs/methods.md#hwgq) and the mask of its ``relu`` / ``clipped`` backward."""
     scalars = (_scalar(v, x.device) for v in (step, n, n * step))
     res = _run(_hwgq_body, _flat(x), *scalars, clipped=clipped, with_mask=with_mask)
     return _unflat(res[0], x), (_unflat(res[1], x) if with_mask else _no_mask(x))

@@ -1,5 +1,5 @@
-"""Pure quantization math shared by the methods: uniform fake-quantizers (SPEC §1),
-Scale-Clip thresholds (§2), group statistics (§3), binary weights and STEs.
+"""Pure quantization math shared by the methods: uniform fake-quantizers (docs/methods.md#uniform-quantizers),
+Scale-Clip thresholds (#scale-clip), group statistics (#group-quantization), binary weights and STEs.
 
 Everything here is a function of tensors; no ``nn.Module``, no config. A method's own math
 lives in its own module under :mod:`.methods`. Float32, bfloat16 and float16 inputs run

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Method, QuantConfig
+from .registry import method_spec
 
 
 class Switches(nn.Module):
@@ -61,13 +62,11 @@ class Switches(nn.Module):
 
 
 def _method_class(cfg: QuantConfig, kind: str) -> type:
-    from .methods import method_spec  # the methods import this module
-
     return getattr(method_spec(cfg.method), kind)
 
 
 class WeightQuantizer(Switches):
-    """Quantizes a conv/linear weight ``[C_out, ...]`` (SPEC §1–§5).
+    """Quantizes a conv/linear weight ``[C_out, ...]`` (docs/methods.md).
 
     ``WeightQuantizer(cfg, out_channels, layer_name)`` returns the configured method's
     subclass. Switches: ``clip_on`` (Scale-Clip), ``quant_on``, ``groups_on`` (``G`` groups
@@ -82,19 +81,19 @@ class WeightQuantizer(Switches):
             cls = _method_class(cfg, "weight")
         return super().__new__(cls)
 
-    def __init__(self, cfg: QuantConfig, out_channels: int, layer_name: str = "", *, groups: int = 1) -> None:
+    def __init__(self, cfg: QuantConfig, out_channels: int, layer_name: str = "", *, quant_groups: int = 1) -> None:
         super().__init__()
         self.method = cfg.method
         self.bits = cfg.weight_bits
         self.layer_name = layer_name
-        self.groups = groups
-        if out_channels % groups:
-            raise ValueError(f"layer '{layer_name}': groups={groups} does not divide its {out_channels} output channels")
+        self.quant_groups = quant_groups  # quantization groups along C_out (not a conv's ``groups``)
+        if out_channels % quant_groups:
+            raise ValueError(f"layer '{layer_name}': groups={quant_groups} does not divide its {out_channels} output channels")
 
     @property
     def n_groups(self) -> int:
-        """Groups in use now (one quantization scale each)."""
-        return self.groups
+        """Quantization groups in use now (one scale each)."""
+        return self.quant_groups
 
     @property
     def code_encoding(self) -> str:
@@ -121,7 +120,7 @@ class WeightQuantizer(Switches):
         """Choose data-dependent parameters from the weights ``w`` (methods with ``auto`` factors)."""
 
     def extra_repr(self) -> str:
-        return f"method={self.method.value}, bits={self.bits}, groups={self.groups}"
+        return f"method={self.method.value}, bits={self.bits}, groups={self.quant_groups}"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The one swap entry point: ``quantize_model`` and its helpers (SPEC §7).
+"""The one swap entry point: ``quantize_model`` and its helpers (docs/methods.md#public-interface).
 
 Dispatch goes through ``SWAP_REGISTRY`` on the module's exact type, so subclasses
 with their own math (timm ``StdConv2d``, torchvision ``FrozenBatchNorm2d`` neighbours,
@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Iterator
 
 from torch import nn
 
+from ..utils.modules import set_submodule
 from .config import Method, QuantConfig
 from .inputs import InputQuantizer
 from .layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
@@ -109,8 +110,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
             if type(module) not in ACTIVATIONS and any(name_matches(name, p) for p in config.quant_inputs or []):
                 quantizer = InputQuantizer(layer_cfg, name).train(module.training)
                 swapped[key].input_quantizer = quantizer if device is None else quantizer.to(device)
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, swapped[key])
+        set_submodule(model, name, swapped[key])
     return model
 
 
@@ -154,7 +154,9 @@ def set_quant_state(
     quant_acts: bool | None = None,
     groups: bool | None = None,
 ) -> None:
-    """Flip the switches of every quantizer in ``model``; ``None`` leaves a switch as it is."""
+    """Flip the switches of every quantizer in ``model``, named after the phases that turn them on
+    (``groups``: from one quantization group per layer to the configured ``G``, the ``groups_on``
+    switch); ``None`` leaves a switch as it is."""
     for _, q in named_quantizers(model):
         quant = quant_weights if isinstance(q, WeightQuantizer) else quant_acts
         flags = {"clip_on": scale_clip, "quant_on": quant, "groups_on": groups}
@@ -165,6 +167,5 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     """Swap quantized layers back to their float layers (same Parameters), in place."""
     for name, module in list(model.named_modules()):
         if isinstance(module, QUANT_LAYER_TYPES) and name:
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, module.to_float())
+            set_submodule(model, name, module.to_float())
     return model

@@ -1,12 +1,14 @@
 """``ClassificationModule``: cross-entropy training of any torchvision / timm classifier."""
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.common import TaskModule, check_finite
 from tasks.hub import is_named
 from tasks.weights import load_weights, resolve
 
@@ -27,15 +29,12 @@ class ClassificationModule(TaskModule):
             enum, timm's default tag; downloaded once into the hub cache), loaded in ``setup``;
             tensors whose shape differs (e.g. another number of classes) are skipped with a warning.
         small_input: CIFAR-style ResNet stem for 32x32 inputs.
-        optimizer: ``sgd`` or ``adamw``.
-        lr: peak learning rate.
-        weight_decay: decay on conv/linear weights (not on norms, biases, quantizer params).
-        momentum: SGD momentum.
-        scheduler: ``cosine``, ``poly`` or ``none`` (per step).
-        warmup_steps: linear warm-up steps.
         label_smoothing: cross-entropy label smoothing.
-        compile: ``torch.compile`` the network in ``setup`` (see :class:`tasks.common.TaskModule`).
+        **kwargs: optimizer, schedule and ``compile`` options of :class:`tasks.common.TaskModule`
+            (defaults here: ``lr`` 0.05, ``weight_decay`` 5e-4, ``cosine``).
     """
+
+    optim_defaults: ClassVar[dict[str, Any]] = {"lr": 0.05, "weight_decay": 5e-4, "scheduler": "cosine"}
 
     def __init__(
         self,
@@ -44,16 +43,10 @@ class ClassificationModule(TaskModule):
         num_classes: int = 10,
         pretrained: str | None = None,
         small_input: bool = False,
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.05,
-        weight_decay: float = 5e-4,
-        momentum: float = 0.9,
-        scheduler: SchedulerName = "cosine",
-        warmup_steps: int = 0,
         label_smoothing: float = 0.0,
-        compile: CompileOption = False,  # noqa: A002
+        **kwargs: Any,
     ) -> None:
-        super().__init__(compile=compile)
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self.model = build_classifier(model, num_classes=num_classes, small_input=small_input)
         top_k = min(5, num_classes)
@@ -99,10 +92,3 @@ class ClassificationModule(TaskModule):
     def predict_step(self, batch: Tensor | tuple[Tensor, ...], batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self(x), dim=1)
-
-    def configure_optimizers(self) -> dict:
-        h = self.hparams
-        return build_optimization(
-            self, optimizer=h.optimizer, lr=h.lr, weight_decay=h.weight_decay, momentum=h.momentum,
-            scheduler=h.scheduler, warmup_steps=h.warmup_steps,
-        )

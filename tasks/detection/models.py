@@ -1,6 +1,7 @@
 """Faster R-CNN builders: a small name -> builder registry over torchvision parts.
 
-Normalisation choice (STYLE §11). torchvision's detectors put ``FrozenBatchNorm2d``
+Normalisation choice (every task decides how quantization treats ``FrozenBatchNorm2d``).
+torchvision's detectors put ``FrozenBatchNorm2d``
 in the backbone whenever they start from pretrained weights. We default to plain
 ``nn.BatchNorm2d`` (``norm="batchnorm"``) instead, pretrained or not, because
 
@@ -9,8 +10,9 @@ in the backbone whenever they start from pretrained weights. We default to plain
 * the quantization schedule owns BN: its ``freeze_bn`` phase freezes the
   statistics late in training, which gives FrozenBN's stability for the last
   epochs without fixing the pre-quantization statistics for good;
-* export folds the per-group weight steps into the following ``nn.BatchNorm2d``
-  (SPEC §3); a ``FrozenBatchNorm2d`` is not a ``BatchNorm2d``.
+* export folds the per-group weight steps into the following BatchNorm
+  (docs/methods.md#group-quantization), a ``FrozenBatchNorm2d`` as well; what a frozen one
+  cannot do is follow the quantized network before ``freeze_bn``.
 
 The ResNets are torchvision's own (plain ``BasicBlock`` / ``Bottleneck``). Their blocks
 call one ``self.relu`` two or three times; ``quantize_model`` gives each call site its own

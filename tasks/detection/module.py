@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import pytorch_lightning as pl
 from torch import Tensor, nn
 
-from gdrq_lightning import monitoring
 from gdrq_lightning.export import OnnxSpec
-from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.common import TaskModule, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
 
@@ -80,12 +79,6 @@ class DetectionModule(TaskModule):
         box_batch_size_per_image: RoIs sampled per image for the box-head loss.
         box_score_thresh: minimum score of a returned detection.
         box_detections_per_img: detections kept per image (COCO scores 100).
-        optimizer: ``sgd`` or ``adamw``.
-        lr: peak learning rate.
-        weight_decay: L2 on weights (not on norms, biases, quantizer parameters).
-        momentum: SGD momentum.
-        scheduler: ``cosine``, ``poly`` or ``none`` (per step).
-        warmup_steps: linear LR warm-up steps.
         pretrained: local file with full detector weights (``self.model.state_dict()``
             or a Lightning checkpoint of this module); float weights, loaded in ``setup``
             (see :meth:`load_starting_weights`).
@@ -95,11 +88,14 @@ class DetectionModule(TaskModule):
         num_vis: validation images drawn with their detections each epoch (0 = none).
         draw_score_thresh: detections drawn (validation and predict PNGs; the datamodule's
             ``draw_predictions`` turns the predict PNGs on).
-        compile: ``torch.compile`` the network in ``setup`` (see :class:`tasks.common.TaskModule`).
+        **kwargs: optimizer, schedule and ``compile`` options of :class:`tasks.common.TaskModule`
+            (defaults here: ``lr`` 0.02, ``weight_decay`` 1e-4, ``cosine``).
 
     Raises:
         ValueError: unknown ``arch`` (the message lists the known ones) or bad sizes.
     """
+
+    optim_defaults: ClassVar[dict[str, Any]] = {"lr": 0.02, "weight_decay": 1e-4, "scheduler": "cosine"}
 
     def __init__(
         self,
@@ -120,19 +116,13 @@ class DetectionModule(TaskModule):
         box_batch_size_per_image: int = 512,
         box_score_thresh: float = 0.05,
         box_detections_per_img: int = 100,
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.02,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        scheduler: SchedulerName = "cosine",
-        warmup_steps: int = 0,
         pretrained: str | None = None,
         pretrained_backbone: str | None = None,
         num_vis: int = 4,
         draw_score_thresh: float = 0.5,
-        compile: CompileOption = False,  # noqa: A002
+        **kwargs: Any,
     ) -> None:
-        super().__init__(compile=compile)
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self.model = build_faster_rcnn(
             arch, num_classes=num_classes, min_size=min_size, max_size=max_size,
@@ -214,13 +204,13 @@ class DetectionModule(TaskModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         needed = getattr(dm, "num_classes", None) if dm is not None and _ready(dm) else None
-        if needed is not None and self.num_classes != needed:
+        if needed is not None:
             by_id = _ids_as_labels(dm)
             data = (f"largest category id {needed - 1} + 1 (category ids as labels)" if by_id else
                     f"{needed - 1} categories + background = {needed}")
             hint = "" if by_id or self.num_classes <= needed else (
                 "; for torchvision's 91-label COCO convention set data.category_ids_as_labels: true")
-            raise ValueError(f"DetectionModule(num_classes={self.num_classes}) does not match the data: {data}{hint}")
+            self.check_num_classes(needed, data, hint)
         super().setup(stage)  # the starting weights, once the data is known to fit
 
     def configure_callbacks(self) -> list[pl.Callback]:
@@ -276,12 +266,10 @@ class DetectionModule(TaskModule):
 
     def _save_predictions(self, images: list[Tensor], outputs: list[dict[str, Tensor]],
                           targets: list[dict[str, Tensor]]) -> Path:
-        """``<run dir>/predictions/val_epochNNN.png`` (ground truth green), attached to W&B when that is the logger."""
-        path = Path(monitoring.run_dir(self.trainer)) / "predictions" / f"val_epoch{self.current_epoch:03d}.png"
-        save_grid(images, outputs, targets, label_names(self.trainer)[1], path,
-                  score_thresh=self.hparams.draw_score_thresh)
-        monitoring.log_image(self.trainer, "val/predictions", str(path))
-        return path
+        """The epoch's validation picture (ground truth green), see :meth:`TaskModule.save_val_picture`."""
+        names = label_names(self.trainer)[1]
+        return self.save_val_picture(lambda path: save_grid(images, outputs, targets, names, path,
+                                                            score_thresh=self.hparams.draw_score_thresh))
 
     def on_test_epoch_start(self) -> None:
         self.evaluator = self._make_evaluator()
@@ -304,13 +292,6 @@ class DetectionModule(TaskModule):
         for name, value in metrics.items():
             # identical on every rank already (rank 0 computed, then broadcast); sync_dist is a no-op mean
             self.log(f"{prefix}/{name}", float(value), prog_bar=name == "mAP", sync_dist=True)
-
-    def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        return build_optimization(
-            self, optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay, momentum=hp.momentum,
-            scheduler=hp.scheduler, warmup_steps=hp.warmup_steps,
-        )
 
 
 def _ready(dm: Any) -> bool:

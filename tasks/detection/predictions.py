@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, make_grid
 
-from gdrq_lightning.monitoring import run_dir
+from gdrq_lightning.utils.run import run_dir
 
 from .evaluator import detections_to_rows
 

@@ -12,15 +12,16 @@ directory; ``predict`` writes one palette PNG mask per image (:class:`PaletteMas
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, ClassVar
+
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from gdrq_lightning import monitoring
 from gdrq_lightning.export import OnnxSpec
-from tasks.common import CompileOption, OptimizerName, SchedulerName, TaskModule, build_optimization, check_finite
+from tasks.common import TaskModule, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
 
@@ -46,9 +47,6 @@ class SegmentationModule(TaskModule):
         ignore_index: mask value excluded from loss and metrics.
         aux_loss: build the auxiliary FCN head on ``layer3``.
         aux_weight: weight of the auxiliary loss (training only).
-        optimizer, lr, weight_decay, momentum, warmup_steps, poly_power: see
-            :func:`tasks.common.build_optimization`; the LR follows the poly schedule
-            ``(1 - step/total) ** poly_power`` unless ``scheduler`` says otherwise.
         pretrained: local file with weights for the whole network (a state dict or a
             Lightning checkpoint; quantizer entries are ignored), loaded in ``setup``.
         pretrained_backbone: local file with the backbone's classifier weights (torchvision
@@ -56,11 +54,15 @@ class SegmentationModule(TaskModule):
             into the hub cache); loaded into the backbone in ``setup`` (before ``pretrained``).
         class_names: names for ``val/iou_<name>``; default: the datamodule's, else by ``num_classes``.
         num_vis: validation samples drawn into the prediction PNG (0 = none).
-        compile: ``torch.compile`` the network in ``setup`` (see :class:`tasks.common.TaskModule`).
+        **kwargs: optimizer, schedule and ``compile`` options of :class:`tasks.common.TaskModule`
+            (defaults here: ``lr`` 0.01, ``weight_decay`` 1e-4, the ``poly`` schedule
+            ``(1 - step/total) ** poly_power``).
 
     Raises:
         ValueError: unknown ``arch`` (lists the known names) or bad argument values.
     """
+
+    optim_defaults: ClassVar[dict[str, Any]] = {"lr": 0.01, "weight_decay": 1e-4, "scheduler": "poly"}
 
     def __init__(
         self,
@@ -70,20 +72,13 @@ class SegmentationModule(TaskModule):
         ignore_index: int = IGNORE_INDEX,
         aux_loss: bool = True,
         aux_weight: float = 0.4,
-        optimizer: OptimizerName = "sgd",
-        lr: float = 0.01,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        scheduler: SchedulerName = "poly",
-        warmup_steps: int = 0,
-        poly_power: float = 0.9,
         pretrained: str | None = None,
         pretrained_backbone: str | None = None,
         class_names: list[str] | None = None,
         num_vis: int = 4,
-        compile: CompileOption = False,  # noqa: A002
+        **kwargs: Any,
     ) -> None:
-        super().__init__(compile=compile)
+        super().__init__(**kwargs)
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes} must be >= 2")
         if 0 <= ignore_index < num_classes:
@@ -149,10 +144,7 @@ class SegmentationModule(TaskModule):
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         dm_classes = getattr(dm, "num_classes", None)
-        if dm_classes is not None and dm_classes != self.num_classes:
-            raise ValueError(
-                f"model.num_classes={self.num_classes} but the datamodule has {dm_classes} classes; set both the same"
-            )
+        self.check_num_classes(dm_classes, f"the datamodule has {dm_classes} classes", "; set both the same")
         if self.hparams.class_names is None and getattr(dm, "class_names", None):
             self.class_names = list(dm.class_names)
         super().setup(stage)  # the starting weights, once the data is known to fit
@@ -229,17 +221,9 @@ class SegmentationModule(TaskModule):
         self._log_metrics(self.test_confmat, "test")
 
     def _save_predictions(self, images: Tensor, targets: Tensor, preds: Tensor) -> Path:
-        """Write ``<run dir>/predictions/val_epochNNN.png`` and attach it to W&B when that is the logger."""
+        """The epoch's validation picture, see :meth:`TaskModule.save_val_picture`."""
         dm = getattr(self.trainer, "datamodule", None)
         mean, std = getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD)
-        path = Path(monitoring.run_dir(self.trainer)) / "predictions" / f"val_epoch{self.current_epoch:03d}.png"
-        save_prediction_grid(images, targets, preds, path, mean=mean, std=std,
-                             title=f"{self.hparams.arch} epoch {self.current_epoch}")
-        monitoring.log_image(self.trainer, "val/predictions", str(path))
-        return path
-
-    def configure_optimizers(self) -> dict:
-        hp = self.hparams
-        return build_optimization(self, optimizer=hp.optimizer, lr=hp.lr, weight_decay=hp.weight_decay,
-                                  momentum=hp.momentum, scheduler=hp.scheduler, warmup_steps=hp.warmup_steps,
-                                  poly_power=hp.poly_power)
+        title = f"{self.hparams.arch} epoch {self.current_epoch}"
+        return self.save_val_picture(
+            lambda path: save_prediction_grid(images, targets, preds, path, mean=mean, std=std, title=title))

@@ -17,7 +17,7 @@ from PIL import Image
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch import Tensor
 
-from gdrq_lightning.monitoring import run_dir
+from gdrq_lightning.utils.run import run_dir
 
 from .labels import voc_palette
 

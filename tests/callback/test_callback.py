@@ -1,5 +1,5 @@
 """``GDRQCallback``: argument checks, ``state_dict`` round trip, stages, summary metric and
-transition log lines (SPEC §6, §7); the contract it quantizes through (``gdrq_lightning.task``)."""
+transition log lines (docs/methods.md#schedule, #public-interface); the contract it quantizes through (``gdrq_lightning.task``)."""
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,5 @@
 """fit -> checkpoint -> resume: the phase and every quantizer tensor come back, checkpoint
-keys never change between phases, and a resumed run equals an uninterrupted one (SPEC §6)."""
+keys never change between phases, and a resumed run equals an uninterrupted one (docs/methods.md#schedule)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""``Schedule``: parsing of phase starts, order checks and ``due`` (SPEC §6)."""
+"""``Schedule``: parsing of phase starts, order checks and ``due`` (docs/methods.md#schedule)."""
 from __future__ import annotations
 
 import pytest

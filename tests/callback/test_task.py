@@ -73,7 +73,7 @@ def test_the_library_never_imports_task_code() -> None:
 
 def test_quantizer_finite_check_covers_every_float_tensor_of_every_quantizer(make_module) -> None:
     from gdrq_lightning import quantize_model
-    from gdrq_lightning.callback import check_quantizers_finite
+    from gdrq_lightning.training.guards import check_quantizers_finite
 
     module = make_module()
     quantize_model(module.model, GDRQ_W4A4)

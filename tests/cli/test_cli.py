@@ -161,7 +161,7 @@ def test_gdrq_fit_digits_end_to_end(tmp_path: Path) -> None:
     assert state["module"] == "tasks.classification.module.ClassificationModule"
     module = load_quantized_module(str(last))
     conv = module.model.layer1[0].conv1.weight_quantizer
-    assert (conv.groups, conv.is_on("clip_on"), conv.is_on("quant_on")) == (4, False, False)
+    assert (conv.quant_groups, conv.is_on("clip_on"), conv.is_on("quant_on")) == (4, False, False)
     assert module(torch.zeros(1, 3, 16, 16)).shape == (1, 10)
 
 

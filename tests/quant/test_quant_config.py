@@ -1,4 +1,4 @@
-"""``QuantConfig`` validation and the errors ``quantize_model`` raises (SPEC §1, §7)."""
+"""``QuantConfig`` validation and the errors ``quantize_model`` raises (docs/methods.md#uniform-quantizers, #public-interface)."""
 from __future__ import annotations
 
 import warnings
@@ -19,7 +19,7 @@ def small_net() -> nn.Sequential:
 def test_defaults_and_string_options() -> None:
     cfg = QuantConfig()
     assert (cfg.method, cfg.weight_bits, cfg.act_bits, cfg.groups, cfg.k_w, cfg.k_a, cfg.momentum) == (
-        Method.gdrq, 4, 4, 1, 2.0, "auto", 0.01,  # SPEC §2 (revised): k_a is calibrated by default
+        Method.gdrq, 4, 4, 1, 2.0, "auto", 0.01,  # docs/methods.md#scale-clip (revised): k_a is calibrated by default
     )
     assert cfg.hwgq_backward.value == "clipped" and cfg.skip is None and cfg.overrides == {}
     assert QuantConfig(method="HWGQ", hwgq_backward="log_tailed").method is Method.hwgq

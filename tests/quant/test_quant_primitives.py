@@ -1,4 +1,4 @@
-"""The pure math in ``gdrq_lightning.quant.primitives`` against plain references (SPEC §1–§5)."""
+"""The pure math in ``gdrq_lightning.quant.primitives`` against plain references (docs/methods.md)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""``quantize_model`` on real torchvision / timm models: swap, skip, overrides, state_dict (SPEC §6, §7)."""
+"""``quantize_model`` on real torchvision / timm models: swap, skip, overrides, state_dict (docs/methods.md#schedule, #public-interface)."""
 from __future__ import annotations
 
 import copy
@@ -50,7 +50,7 @@ def test_resnet18_gdrq_w4a4_swap_forward_backward(image: torch.Tensor) -> None:
     assert not any(isinstance(m, QuantLinear) for m in names.values())
     assert all(type(m) is not nn.ReLU for _, m in model.named_modules())
     wq = model.layer1[0].conv1.weight_quantizer
-    assert (wq.bits, wq.groups, wq.k, wq.is_on("clip_on"), wq.is_on("quant_on"), wq.is_on("groups_on")) == (
+    assert (wq.bits, wq.quant_groups, wq.k, wq.is_on("clip_on"), wq.is_on("quant_on"), wq.is_on("groups_on")) == (
         4, 8, 2.0, True, True, True,
     )
     out = model(image)
@@ -159,7 +159,7 @@ def test_overrides_mixed_precision(image: torch.Tensor) -> None:
                   "layer3.1.conv2": (4, 1)}
     for name, (bits, groups) in expected_w.items():
         wq = model.get_submodule(name).weight_quantizer
-        assert (wq.bits, wq.groups) == (bits, groups), name
+        assert (wq.bits, wq.quant_groups) == (bits, groups), name
     assert model.layer1[0].conv1.weight_quantizer.k == 3.0 and model.layer1[0].conv2.weight_quantizer.k == 2.0
     acts = {n: m.act_quantizer.bits for n, m in quantized_layers(model) if isinstance(m, QuantReLU)}
     assert acts["layer4.0.relu"] == acts["layer4.1.relu"] == 8

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from gdrq_lightning import GDRQCallback, QuantConfig, Schedule
-from gdrq_lightning.callback import check_quantizers_finite
+from gdrq_lightning.training.guards import check_quantizers_finite
 from gdrq_lightning.interrupt import InterruptCheckpoint
 from tasks.classification import ClassificationModule, DigitsDataModule
 

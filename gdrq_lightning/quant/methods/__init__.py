@@ -1,74 +1,13 @@
-"""The method registry: ``Method`` -> the quantizer classes that implement it.
-
-Each module in this package registers its method(s) with :func:`register` when imported;
-all of them are imported here, so adding a method is its module plus one ``Method`` entry
-(the README walks through one). The rest of the library asks the quantizer
-objects (forward, integer codes, export grid, clip value), never ``if method == ...``.
-"""
+"""One module per quantization method; importing this package registers all of them in
+:mod:`gdrq_lightning.quant.registry` (each module calls ``register`` at import)."""
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
-from typing import Callable
 
-from ..config import Method, QuantConfig
-from ..quantizers import ActQuantizer, WeightQuantizer
+from ..registry import MethodSpec, method_spec, register, validators
 
-Validator = Callable[[QuantConfig, str], None]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """What implements a method: its weight and activation quantizer classes, a check of its
-    own config options (``validate(cfg, where)`` raises ``ValueError`` naming the field), and
-    ``input``: the unsigned activation quantizer that :class:`~gdrq_lightning.quant.inputs.InputQuantizer`
-    applies to ``|x|`` for a signed input grid (``None``: the method has no input quantizer)."""
-
-    weight: type[WeightQuantizer]
-    act: type[ActQuantizer]
-    validate: Validator | None = None
-    input: type[ActQuantizer] | None = None
-
-
-_REGISTRY: dict[Method, MethodSpec] = {}
-
-
-def register(
-    method: Method,
-    *,
-    weight: type[WeightQuantizer],
-    act: type[ActQuantizer],
-    validate: Validator | None = None,
-    input: type[ActQuantizer] | None = None,
-) -> None:
-    """Make ``method`` available to ``quantize_model`` (called by each method module)."""
-    if method in _REGISTRY:
-        raise ValueError(f"method {method.value!r} is registered twice")
-    _REGISTRY[method] = MethodSpec(weight, act, validate, input)
-
-
-def method_spec(method: Method) -> MethodSpec:
-    """The implementation of ``method``.
-
-    Raises:
-        ValueError: no module registered it (the message lists the registered methods).
-    """
-    try:
-        return _REGISTRY[method]
-    except KeyError:
-        known = ", ".join(sorted(m.value for m in _REGISTRY))
-        raise ValueError(f"quantization method {getattr(method, 'value', method)!r} has no implementation; registered: {known}") from None
-
-
-def validators() -> list[Validator]:
-    """Every registered method's option check, once each."""
-    seen: list[Validator] = []
-    for spec in _REGISTRY.values():
-        if spec.validate is not None and spec.validate not in seen:
-            seen.append(spec.validate)
-    return seen
-
+__all__ = ["MethodSpec", "method_spec", "register", "validators"]
 
 for _info in pkgutil.iter_modules(__path__):
     if not _info.name.startswith("_"):

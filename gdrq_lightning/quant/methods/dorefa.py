@@ -1,4 +1,4 @@
-"""DoReFa (SPEC §5): weights ``2 · q_u(tanh(w) / (2 max|tanh w|) + 1/2) - 1``, activations
+"""DoReFa (docs/methods.md#baselines): weights ``2 · q_u(tanh(w) / (2 max|tanh w|) + 1/2) - 1``, activations
 ``q_u(clamp(x, 0, 1))``. Weight codes are odd/even ``2k - n`` (levels ``(2k - n) / n``)."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .. import primitives as P
 from ..config import Method, QuantConfig
 from ..kernels import MIN_SCALE
 from ..quantizers import ActGrid, ActQuantizer, WeightQuantizer
-from . import register
+from ..registry import register
 
 
 def dorefa_weight(w: Tensor, bits: int) -> Tensor:

@@ -1,4 +1,4 @@
-"""GDRQ and its two halves (SPEC §2–§3): ``scale_clip`` (Scale-Clip thresholds
+"""GDRQ and its two halves (docs/methods.md#scale-clip, #group-quantization): ``scale_clip`` (Scale-Clip thresholds
 ``T = k · mean|x|``), ``group`` (``G`` filter groups, clip at ``max|W_g|`` / ``EMA(max a)``)
 and ``gdrq`` (both).
 
@@ -24,7 +24,7 @@ from ..config import Method, QuantConfig
 from ..distributed import reduce_, world_size
 from ..kernels import MIN_SCALE
 from ..quantizers import ActGrid, ActQuantizer, WeightQuantizer
-from . import register
+from ..registry import register
 
 _SCALE_CLIP = (Method.gdrq, Method.scale_clip)
 _GROUPED = (Method.gdrq, Method.group)
@@ -70,14 +70,14 @@ class ThresholdWeightQuantizer(_CalibratedK, WeightQuantizer):
     else ``k · max|W_g|``; 1 bit binarizes with ``mean|W_g|``."""
 
     def __init__(self, cfg: QuantConfig, out_channels: int, layer_name: str = "") -> None:
-        super().__init__(cfg, out_channels, layer_name, groups=cfg.groups if cfg.method in _GROUPED else 1)
+        super().__init__(cfg, out_channels, layer_name, quant_groups=cfg.groups if cfg.method in _GROUPED else 1)
         self.scale_clip = cfg.method in _SCALE_CLIP
         self._init_k(cfg, "k_w")
         self.project = cfg.project and self.scale_clip
 
     @property
     def n_groups(self) -> int:
-        return self.groups if self._on["groups_on"] else 1
+        return self.quant_groups if self._on["groups_on"] else 1
 
     def threshold(self, w: Tensor) -> Tensor:
         """Scale-Clip threshold ``T_g = k_w * mean|W_g|`` for the groups in use, ``[G]``."""

@@ -1,4 +1,4 @@
-"""HWGQ (SPEC §4): half-wave Gaussian quantizer for activations that follow a BatchNorm,
+"""HWGQ (docs/methods.md#hwgq): half-wave Gaussian quantizer for activations that follow a BatchNorm,
 binary weights with one ``alpha = mean|w|`` per output filter.
 
 Forward: ``0`` for ``x <= 0``, ``D * clamp(round(x / D), 1, 2**b - 1)`` above, with the
@@ -19,7 +19,7 @@ from .. import primitives as P
 from ..config import Method, QuantConfig
 from ..kernels import fast_ok
 from ..quantizers import ActGrid, ActQuantizer, WeightQuantizer
-from . import register
+from ..registry import register
 from .gdrq import ThresholdActQuantizer
 
 
@@ -102,27 +102,27 @@ class FilterWeightQuantizer(WeightQuantizer):
     uniform with clip ``max|w_f|`` at more bits."""
 
     def __init__(self, cfg: QuantConfig, out_channels: int, layer_name: str = "") -> None:
-        super().__init__(cfg, out_channels, layer_name, groups=out_channels)
+        super().__init__(cfg, out_channels, layer_name, quant_groups=out_channels)
 
     def forward(self, w: Tensor) -> Tensor:
         if not self._on["quant_on"]:
             return w
         if self.bits == 1:
-            return P.binarize(w, self.groups)
-        return P.fake_quant_signed(w, P.group_abs_max(w, self.groups), self.bits, axis=0)
+            return P.binarize(w, self.quant_groups)
+        return P.fake_quant_signed(w, P.group_abs_max(w, self.quant_groups), self.bits, axis=0)
 
     @torch.no_grad()
     def to_integer(self, w: Tensor) -> tuple[Tensor, Tensor]:
         if self.bits == 1:
             return P.binary_codes(self.forward(w))
-        codes, step = P.integer_codes_signed(w, P.group_abs_max(w, self.groups), self.bits, axis=0)
+        codes, step = P.integer_codes_signed(w, P.group_abs_max(w, self.quant_groups), self.bits, axis=0)
         return codes.to(torch.int32), step
 
     @torch.no_grad()
     def clip_value(self, w: Tensor) -> Tensor | None:
         if not self._on["quant_on"]:
             return None
-        return P.group_abs_mean(w, self.groups) if self.bits == 1 else P.group_abs_max(w, self.groups)
+        return P.group_abs_mean(w, self.quant_groups) if self.bits == 1 else P.group_abs_max(w, self.quant_groups)
 
 
 class HWGQActQuantizer(ActQuantizer):

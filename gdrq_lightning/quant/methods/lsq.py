@@ -1,4 +1,4 @@
-"""LSQ (SPEC §5): learned step size ``s`` per weight group / per activation layer, gradient
+"""LSQ (docs/methods.md#baselines): learned step size ``s`` per weight group / per activation layer, gradient
 scale ``1 / sqrt(N · Q_p)``, initialised to ``2 · mean|x| / sqrt(Q_p)`` on the first batch."""
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from .. import primitives as P
 from ..config import Method, QuantConfig
 from ..distributed import reduce_
 from ..quantizers import ActGrid, ActQuantizer, WeightQuantizer
-from . import register
+from ..registry import register
 
 
 class GradScale(torch.autograd.Function):
@@ -60,8 +60,8 @@ class LSQWeightQuantizer(WeightQuantizer):
     """Signed grid ``[-n, n]`` with a learned step per filter group (``G`` groups always)."""
 
     def __init__(self, cfg: QuantConfig, out_channels: int, layer_name: str = "") -> None:
-        super().__init__(cfg, out_channels, layer_name, groups=cfg.groups)
-        self.step = nn.Parameter(torch.ones(self.groups))
+        super().__init__(cfg, out_channels, layer_name, quant_groups=cfg.groups)
+        self.step = nn.Parameter(torch.ones(self.quant_groups))
         self.register_buffer("initialized", torch.tensor(False))
         self._ready = False  # Python mirror of ``initialized``: no device sync, no graph break
 
@@ -75,17 +75,17 @@ class LSQWeightQuantizer(WeightQuantizer):
         n = P.signed_levels(self.bits)
         if not self._ready:  # the weights are the same on every rank: so is this
             with torch.no_grad():
-                init = [lsq_init_step(g, n) for g in w.reshape(self.groups, -1)]
+                init = [lsq_init_step(g, n) for g in w.reshape(self.quant_groups, -1)]
                 self.step.copy_(torch.stack(init).clamp_min(1e-8))
                 self.initialized.fill_(True)
             self._ready = True
-        g = lsq_grad_scale(w.numel() // self.groups, n)
+        g = lsq_grad_scale(w.numel() // self.quant_groups, n)
         return lsq_fake_quant(w, P.expand_bshape(self.step.to(w.dtype), w, 0), -n, n, g)
 
     @torch.no_grad()
     def to_integer(self, w: Tensor) -> tuple[Tensor, Tensor]:
         n = P.signed_levels(self.bits)
-        step = self.step.repeat_interleave(w.shape[0] // self.groups)
+        step = self.step.repeat_interleave(w.shape[0] // self.quant_groups)
         codes = torch.round(torch.clamp(w / step.reshape(P.channel_shape(w, 0)), -n, n))
         return codes.to(torch.int32), step.clone()
 

@@ -1,4 +1,4 @@
-"""PACT (SPEC §5), the worked example of a method module.
+"""PACT (docs/methods.md#baselines), the worked example of a method module.
 
 A method module holds everything the library asks of the method: its math (``pact_act``),
 its quantizer classes (weights: DoReFa's, reused; activations: a learnable clip ``alpha``),
@@ -18,7 +18,7 @@ from .. import primitives as P
 from ..config import Method, QuantConfig
 from ..kernels import MIN_SCALE
 from ..quantizers import ActGrid, ActQuantizer
-from . import register
+from ..registry import register
 from .dorefa import DoReFaWeightQuantizer
 
 

@@ -82,7 +82,7 @@ def test_load_quantized_module_reproduces_the_trained_module(gdrq_checkpoint, di
     module = load_quantized_module(str(path))
     assert isinstance(module, ClassificationModule) and not module.training
     conv = module.model.layer1[0].conv1
-    assert isinstance(conv, QuantConv2d) and conv.weight_quantizer.groups == 4
+    assert isinstance(conv, QuantConv2d) and conv.weight_quantizer.quant_groups == 4
     assert conv.weight_quantizer.is_on("quant_on") and conv.weight_quantizer.is_on("groups_on")
     with torch.no_grad():
         assert_close(module(digits_x), logits, atol=0, rtol=0)

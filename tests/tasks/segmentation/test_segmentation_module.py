@@ -85,7 +85,7 @@ def test_argument_errors(tiny_voc: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ignore_index"):
         SegmentationModule(num_classes=3, ignore_index=1)
     dm = VOCSegmentationDataModule(root=str(tiny_voc), num_classes=11, batch_size=2, num_workers=0, crop_size=24)
-    with pytest.raises(ValueError, match="num_classes=21 but the datamodule has 11"):
+    with pytest.raises(ValueError, match=r"num_classes=21\) does not match the data: the datamodule has 11"):
         _trainer(tmp_path).fit(SegmentationModule(arch="fcn_resnet18", num_classes=21), dm)
 
 
