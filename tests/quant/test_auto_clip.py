@@ -118,3 +118,16 @@ def test_model_level_calibration_sets_every_auto_factor() -> None:
     acts = [m for m in model.modules() if isinstance(m, ActQuantizer)]
     assert all(bool(q.k_calibrated) and q.calibration_errors() is None for q in acts)
     assert not any(bool(q.initialized) for q in acts)  # eval passes leave the EMA statistics alone
+
+
+def test_scale_clip_k_never_scales_the_maximum_when_scale_clip_is_off() -> None:
+    """A schedule without the ``scale_clip`` phase quantizes gdrq weights on ``max|W_g|``: their ``k``
+    multiplies ``mean|W_g|`` (k of 2-3 on a maximum would leave most levels unused)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 16, 3, 3, generator=g)
+    q = WeightQuantizer(QuantConfig(method="gdrq", weight_bits=4, k_w="auto"), 8)
+    q.set_switches(clip_on=False)
+    out = q(w)
+    assert bool(q.k_calibrated) and float(q.k) > 1.5
+    torch.testing.assert_close(out, P.fake_quant_signed(w, P.group_abs_max(w, 1), 4, axis=0), rtol=0, atol=0)
+    assert out.unique().numel() >= 12  # most levels of the 4-bit grid in use (5 of 15 with k * max)

@@ -84,9 +84,10 @@ class ThresholdWeightQuantizer(_CalibratedK, WeightQuantizer):
         return P.scale_clip_threshold(w, self.n_groups, self.k)
 
     def _range(self, w: Tensor) -> Tensor:
-        """The quantization clip without Scale-Clip: ``k * max|W_g|`` (``k = 1`` unless ``auto``)."""
+        """The quantization clip without Scale-Clip: ``k * max|W_g|`` for ``group`` with ``k: auto``,
+        else ``max|W_g|`` (a Scale-Clip method's ``k`` multiplies ``mean|W_g|``, not the maximum)."""
         alpha = P.group_abs_max(w, self.n_groups)
-        return alpha * self.k if self.k_auto else alpha
+        return alpha * self.k if self.k_auto and not self.scale_clip else alpha
 
     def _clipping(self) -> bool:
         return self._on["clip_on"] and self.scale_clip
