@@ -3,7 +3,8 @@
 ``from_float`` shares the float layer's Parameters (no copy), so the optimizer and
 ``state_dict`` keys of weights are unchanged by the swap; the quantizers add keys
 under ``weight_quantizer.`` / ``act_quantizer.`` (and ``input_quantizer.`` for a conv/linear
-that ``QuantConfig.quant_inputs`` names).
+that ``QuantConfig.quant_inputs`` names), and the deploy form's state (off until
+``simulate_deploy``) keys under ``deploy.`` (:mod:`.deploy`).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import QuantConfig
+from .deploy import ActDeploy, LayerDeploy
 from .inputs import InputQuantizer
 from .quantizers import ActQuantizer, WeightQuantizer
 
@@ -24,6 +26,7 @@ class QuantConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.input_quantizer: InputQuantizer | None = None  # set by ``quantize_model`` for ``quant_inputs`` layers
+        self.deploy = LayerDeploy(kwargs.get("device"))
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, cfg: QuantConfig, name: str = "") -> QuantConv2d:
@@ -34,6 +37,7 @@ class QuantConv2d(nn.Conv2d):
         )
         new.weight, new.bias = conv.weight, conv.bias
         new.weight_quantizer = WeightQuantizer(cfg, conv.out_channels, name).to(conv.weight.device)
+        new.deploy = LayerDeploy(conv.weight.device)
         return new.train(conv.training)
 
     def to_float(self) -> nn.Conv2d:
@@ -45,7 +49,13 @@ class QuantConv2d(nn.Conv2d):
         conv.weight, conv.bias = self.weight, self.bias
         return conv.train(self.training)
 
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        """The layer's operation without bias (the deploy form's integer accumulation)."""
+        return self._conv_forward(x, w, None)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.deploy.active:
+            return self.deploy(self, x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
@@ -59,12 +69,14 @@ class QuantLinear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.input_quantizer: InputQuantizer | None = None  # set by ``quantize_model`` for ``quant_inputs`` layers
+        self.deploy = LayerDeploy(kwargs.get("device"))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
         new.weight_quantizer = WeightQuantizer(cfg, linear.out_features, name).to(linear.weight.device)
+        new.deploy = LayerDeploy(linear.weight.device)
         return new.train(linear.training)
 
     def to_float(self) -> nn.Linear:
@@ -72,7 +84,12 @@ class QuantLinear(nn.Linear):
         linear.weight, linear.bias = self.weight, self.bias
         return linear.train(self.training)
 
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.linear(x, w)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.deploy.active:
+            return self.deploy(self, x)
         if self.input_quantizer is not None:
             x = self.input_quantizer(x)
         return F.linear(x, self.weight_quantizer(self.weight), self.bias)
@@ -86,6 +103,7 @@ class QuantReLU(nn.ReLU):
     def __init__(self, cfg: QuantConfig, name: str = "") -> None:
         super().__init__(inplace=False)
         self.act_quantizer = ActQuantizer(cfg, upper=None, layer_name=name)
+        self.deploy = ActDeploy(self.act_quantizer.act_groups)
 
     @classmethod
     def from_float(cls, act: nn.ReLU, cfg: QuantConfig, name: str = "") -> QuantReLU:
@@ -95,7 +113,7 @@ class QuantReLU(nn.ReLU):
         return nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act_quantizer(x)
+        return self.deploy(x, self.act_quantizer) if self.deploy.active else self.act_quantizer(x)
 
 
 class QuantReLU6(nn.ReLU6):
@@ -106,6 +124,7 @@ class QuantReLU6(nn.ReLU6):
     def __init__(self, cfg: QuantConfig, name: str = "") -> None:
         super().__init__(inplace=False)
         self.act_quantizer = ActQuantizer(cfg, upper=6.0, layer_name=name)
+        self.deploy = ActDeploy(self.act_quantizer.act_groups)
 
     @classmethod
     def from_float(cls, act: nn.ReLU6, cfg: QuantConfig, name: str = "") -> QuantReLU6:
@@ -115,7 +134,7 @@ class QuantReLU6(nn.ReLU6):
         return nn.ReLU6()
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.act_quantizer(x)
+        return self.deploy(x, self.act_quantizer) if self.deploy.active else self.act_quantizer(x)
 
 
 QUANT_LAYER_TYPES = (QuantConv2d, QuantLinear, QuantReLU, QuantReLU6)
