@@ -4,7 +4,7 @@
 ``state_dict`` keys of weights are unchanged by the swap; the quantizers add keys
 under ``weight_quantizer.`` / ``act_quantizer.`` (and ``input_quantizer.`` for a conv/linear
 that ``QuantConfig.quant_inputs`` names), and the deploy form's state (off until
-``simulate_deploy``) keys under ``deploy.`` (:mod:`.deploy`).
+``simulate_deploy``) keys under ``weight_quantizer.deploy.`` / ``act_quantizer.deploy.`` (:mod:`.deploy`).
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ class QuantConv2d(nn.Conv2d):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.input_quantizer: InputQuantizer | None = None  # set by ``quantize_model`` for ``quant_inputs`` layers
-        self.deploy = LayerDeploy(kwargs.get("device"))
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, cfg: QuantConfig, name: str = "") -> QuantConv2d:
@@ -37,7 +36,7 @@ class QuantConv2d(nn.Conv2d):
         )
         new.weight, new.bias = conv.weight, conv.bias
         new.weight_quantizer = WeightQuantizer(cfg, conv.out_channels, name).to(conv.weight.device)
-        new.deploy = LayerDeploy(conv.weight.device)
+        new.weight_quantizer.deploy = LayerDeploy(conv.weight.device)
         return new.train(conv.training)
 
     def to_float(self) -> nn.Conv2d:
@@ -48,6 +47,11 @@ class QuantConv2d(nn.Conv2d):
         )
         conv.weight, conv.bias = self.weight, self.bias
         return conv.train(self.training)
+
+    @property
+    def deploy(self) -> LayerDeploy:
+        """The layer's deploy-form state (kept in its weight quantizer: keys ``weight_quantizer.deploy.*``)."""
+        return self.weight_quantizer.deploy
 
     def _op(self, x: Tensor, w: Tensor) -> Tensor:
         """The layer's operation without bias (the deploy form's integer accumulation)."""
@@ -69,20 +73,23 @@ class QuantLinear(nn.Linear):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.input_quantizer: InputQuantizer | None = None  # set by ``quantize_model`` for ``quant_inputs`` layers
-        self.deploy = LayerDeploy(kwargs.get("device"))
 
     @classmethod
     def from_float(cls, linear: nn.Linear, cfg: QuantConfig, name: str = "") -> QuantLinear:
         new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias
         new.weight_quantizer = WeightQuantizer(cfg, linear.out_features, name).to(linear.weight.device)
-        new.deploy = LayerDeploy(linear.weight.device)
+        new.weight_quantizer.deploy = LayerDeploy(linear.weight.device)
         return new.train(linear.training)
 
     def to_float(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
         linear.weight, linear.bias = self.weight, self.bias
         return linear.train(self.training)
+
+    @property
+    def deploy(self) -> LayerDeploy:
+        return self.weight_quantizer.deploy
 
     def _op(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w)
@@ -103,7 +110,7 @@ class QuantReLU(nn.ReLU):
     def __init__(self, cfg: QuantConfig, name: str = "") -> None:
         super().__init__(inplace=False)
         self.act_quantizer = ActQuantizer(cfg, upper=None, layer_name=name)
-        self.deploy = ActDeploy(self.act_quantizer.act_groups)
+        self.act_quantizer.deploy = ActDeploy(self.act_quantizer.act_groups)
 
     @classmethod
     def from_float(cls, act: nn.ReLU, cfg: QuantConfig, name: str = "") -> QuantReLU:
@@ -111,6 +118,11 @@ class QuantReLU(nn.ReLU):
 
     def to_float(self) -> nn.ReLU:
         return nn.ReLU()
+
+    @property
+    def deploy(self) -> ActDeploy:
+        """The activation's deploy-form grid (kept in its quantizer: keys ``act_quantizer.deploy.*``)."""
+        return self.act_quantizer.deploy
 
     def forward(self, x: Tensor) -> Tensor:
         return self.deploy(x, self.act_quantizer) if self.deploy.active else self.act_quantizer(x)
@@ -124,7 +136,7 @@ class QuantReLU6(nn.ReLU6):
     def __init__(self, cfg: QuantConfig, name: str = "") -> None:
         super().__init__(inplace=False)
         self.act_quantizer = ActQuantizer(cfg, upper=6.0, layer_name=name)
-        self.deploy = ActDeploy(self.act_quantizer.act_groups)
+        self.act_quantizer.deploy = ActDeploy(self.act_quantizer.act_groups)
 
     @classmethod
     def from_float(cls, act: nn.ReLU6, cfg: QuantConfig, name: str = "") -> QuantReLU6:
@@ -132,6 +144,11 @@ class QuantReLU6(nn.ReLU6):
 
     def to_float(self) -> nn.ReLU6:
         return nn.ReLU6()
+
+    @property
+    def deploy(self) -> ActDeploy:
+        """The activation's deploy-form grid (kept in its quantizer: keys ``act_quantizer.deploy.*``)."""
+        return self.act_quantizer.deploy
 
     def forward(self, x: Tensor) -> Tensor:
         return self.deploy(x, self.act_quantizer) if self.deploy.active else self.act_quantizer(x)
