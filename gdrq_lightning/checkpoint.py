@@ -48,6 +48,27 @@ def gdrq_state(ckpt: dict[str, Any], path: str = "checkpoint") -> dict[str, Any]
     raise CheckpointError(f"{path} has no GDRQCallback state: it was not trained with the gdrq quantization callback")
 
 
+def _import_class(path: str, class_path: str) -> type:
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        raise CheckpointError(f"{path}: cannot import the class {class_path!r}") from None
+
+
+def load_datamodule(path: str) -> pl.LightningDataModule:
+    """The checkpoint's own datamodule, built from the hyper-parameters ``gdrq fit`` saved with it.
+
+    Raises:
+        CheckpointError: the checkpoint names no datamodule class (pass a data config instead).
+    """
+    hparams = load_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    class_path = hparams.get("_class_path", "")
+    if not class_path:
+        raise CheckpointError(f"{path} names no datamodule (saved outside `gdrq fit`?); pass --data-config CONFIG")
+    return _import_class(path, class_path)(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+
+
 def load_quantized_module(path: str) -> pl.LightningModule:
     """Instantiate the checkpoint's LightningModule, quantize it as trained, load the weights
     (a deploy-form checkpoint: in deploy form).
@@ -59,11 +80,7 @@ def load_quantized_module(path: str) -> pl.LightningModule:
     ckpt = load_checkpoint(path)
     state = gdrq_state(ckpt, path)
     class_path = state.get("module") or ckpt.get("hyper_parameters", {}).get("_class_path", "")
-    module_name, _, class_name = class_path.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError, ValueError):
-        raise CheckpointError(f"{path}: cannot import the module class {class_path!r}") from None
+    cls = _import_class(path, class_path)
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     module = cls(**hparams)
     config = QuantConfig(**{"quant_inputs": [], **state["config"]})  # checkpoints from before input quantizers: none

@@ -197,9 +197,14 @@ def _quantize_after_pools(model: nn.Module, pools: dict[str, str], args: tuple[A
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal model outputs: tensors, and tuples, lists and dicts of them (anything else by ``==``)."""
     if isinstance(a, Tensor):
         return isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
-    return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None, float_outputs: bool) -> None:

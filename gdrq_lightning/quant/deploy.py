@@ -180,6 +180,8 @@ class LayerDeploy(_DeployBuffers):
         self.mode.fill_(OFF)
         self.folded.fill_(False)
         self._mode, self._folded = OFF, False
+        if self.bn is not None:  # its BatchNorm normalises on its own again
+            release_batchnorm(self.bn)
         self.__dict__["_bn"] = None
 
     @torch.no_grad()
