@@ -45,6 +45,12 @@ def channel_view(t: Tensor, like: Tensor, axis: int) -> Tensor:
     return t.reshape([-1 if d == axis else 1 for d in range(like.dim())])
 
 
+def requant_multiplier(lattice: Tensor, out_scale: Tensor) -> Tensor:
+    """ONNX Runtime's ``QLinearConv`` multiplier ``f32(f32(s_x · s_w) / s_y)`` from ``lattice = f32(s_x · s_w)``
+    (not ``lattice · (1 / s_y)``: one ulp apart for some channels, which moves a code now and then)."""
+    return lattice / out_scale
+
+
 def exact_sum(acc: Tensor, codes: Tensor) -> Tensor:
     """``f32(acc + codes)`` of integer-valued tensors, rounded once as ONNX Runtime's int32 -> float."""
     return (acc.double() + codes.double()).float()
@@ -267,7 +273,7 @@ class LayerDeploy(_DeployBuffers):
         lattice = s_x * s_w
         v = acc.float() if c is None else exact_sum(acc, channel_view(round_ste(c / lattice), acc, axis))
         s_y = self.out_scale.to(x.dtype)
-        u = v * channel_view(lattice / s_y, v, axis)
+        u = v * channel_view(requant_multiplier(lattice, s_y), v, axis)
         return torch.clamp(round_ste(u), *self._out) * s_y
 
     def extra_repr(self) -> str:

@@ -130,3 +130,46 @@ def test_onnxruntime_reproduces_the_deploy_form_s_logits(deployed, tmp_path) -> 
     got = run_onnxruntime(path, x)  # ORT's default session
     error = (got - expected).abs().amax(1) / expected.abs().amax(1)
     assert float(error.max()) <= 1e-5  # float rounding of the float stem and classifier only (measured 2.8e-7)
+
+
+def test_onnxruntime_requantizes_with_the_deploy_forms_multiplier(tmp_path) -> None:
+    """A QDQ conv on zero inputs, so each channel's output is its int32 bias alone: ``round(b · M)``.
+    The biases are picked where the float32 multipliers one might write round differently, so
+    ORT's own kernel tells them apart: it uses the deploy form's, ``f32(f32(s_x · s_w) / s_y)``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gdrq_lightning.quant.deploy import requant_multiplier
+
+    gen = torch.Generator().manual_seed(0)
+    channels, s_x, s_y = 64, torch.tensor(0.0371), torch.tensor(0.9137)
+    s_w = torch.empty(channels).uniform_(1e-3, 1e-2, generator=gen)
+    lattice = s_x * s_w
+    ours = requant_multiplier(lattice, s_y)
+    others = [s_x * (s_w / s_y), lattice * (1 / s_y)]  # the same number in exact arithmetic
+    candidates = torch.arange(1, 2**20, dtype=torch.float32)
+    bias = torch.zeros(channels, dtype=torch.int32)
+    for c in range(channels):
+        u = candidates * ours[c]
+        apart = (u < 254) & torch.stack([torch.round(candidates * m[c]) != torch.round(u) for m in others]).any(0)
+        bias[c] = int(candidates[apart][0]) if apart.any() else int(candidates[c])
+    weights = torch.randint(-127, 128, (channels, 4, 1, 1), generator=gen, dtype=torch.int8)
+    inits = [numpy_helper.from_array(t.numpy(), n) for n, t in {
+        "sx": s_x, "zx": torch.tensor(0, dtype=torch.uint8), "w": weights, "sw": s_w, "b": bias, "sb": lattice,
+        "sy": s_y, "zy": torch.tensor(0, dtype=torch.uint8)}.items()]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "sx", "zx"], ["xf"]),
+             helper.make_node("DequantizeLinear", ["w", "sw"], ["wf"], axis=0),
+             helper.make_node("DequantizeLinear", ["b", "sb"], ["bf"], axis=0),
+             helper.make_node("Conv", ["xf", "wf", "bf"], ["yf"]), helper.make_node("QuantizeLinear", ["yf", "sy", "zy"], ["y"])]
+    graph = helper.make_graph(nodes, "requant", [helper.make_tensor_value_info("x", TensorProto.UINT8, [1, 4, 1, 1])],
+                              [helper.make_tensor_value_info("y", TensorProto.UINT8, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "q.onnx"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), options, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    got = torch.from_numpy(session.run(None, {"x": torch.zeros(1, 4, 1, 1, dtype=torch.uint8).numpy()})[0]).reshape(-1).long()
+    codes = lambda m: torch.clamp(torch.round(bias.float() * m), 0, 255).long()  # noqa: E731
+    assert torch.equal(codes(ours), got)
+    assert [int((codes(m) != got).sum()) for m in others] == [22, 15]  # of 64 channels: either would be caught
