@@ -1,4 +1,4 @@
-"""Export of quantized models (SPEC §3, §7, §8): folded integer model, packed file, ONNX.
+"""Export of quantized models (docs/methods.md#export): folded integer model, packed file, ONNX.
 
 ``fold_groups_into_bn`` moves group steps into BatchNorms, ``to_integer`` stores
 integer codes (packed file), ``to_onnx`` writes the QDQ ONNX that ONNX Runtime runs with

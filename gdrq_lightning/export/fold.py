@@ -1,4 +1,4 @@
-"""Fold each quantized conv's group steps ``s_g`` into the BatchNorm after it (SPEC §3).
+"""Fold each quantized conv's group steps ``s_g`` into the BatchNorm after it (docs/methods.md#group-quantization).
 
 ``gamma * (s*z - mu) / sqrt(var + eps) = gamma*s * (z - mu/s) / sqrt(var + eps)``, so
 the conv keeps only integer codes ``Z`` and the BN takes ``gamma' = gamma * s``,
@@ -79,7 +79,7 @@ def fold_groups_into_bn(model: nn.Module, *, inplace: bool = False) -> nn.Module
     :class:`IntegerConv2d` / :class:`IntegerLinear` holding int8 codes ``Z`` and its
     per-channel step. A conv whose output feeds exactly one BatchNorm (found by
     :func:`find_conv_bn_pairs`) moves its step into that BN; all others keep the step
-    as an output scale (SPEC §3). Layers with weight quantization off become float
+    as an output scale (docs/methods.md#group-quantization). Layers with weight quantization off become float
     layers with their effective (possibly Scale-Clipped) weight. Activation
     quantizers are left as they are, so the eval output equals the fake-quant model's.
 

@@ -6,7 +6,7 @@ with ``Z * s`` equal to the fake-quantized weight, and the layer's input quantiz
 one (``QuantConfig.quant_inputs``), applied first. It computes ``conv(x, Z)`` and
 
 * ``folded_into is None``: keeps ``s`` as an output scale, ``y = s * conv(x, Z) + c``;
-* ``folded_into == "<bn name>"``: ``s`` lives in that BatchNorm (SPEC §3), the layer
+* ``folded_into == "<bn name>"``: ``s`` lives in that BatchNorm (docs/methods.md#group-quantization), the layer
   returns ``conv(x, Z) + c / s`` and ``step`` is kept for reference only.
 """
 from __future__ import annotations

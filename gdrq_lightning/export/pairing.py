@@ -1,4 +1,4 @@
-"""Find which BatchNorm follows each quantized conv, so its step can fold into it (SPEC §3).
+"""Find which BatchNorm follows each quantized conv, so its step can fold into it (docs/methods.md#group-quantization).
 
 Primary source: the ``torch.fx`` graph (quantized layers and BatchNorms traced as
 leaves). A conv pairs with a BN when the BN is the *only* consumer of the conv's

@@ -1,4 +1,4 @@
-"""The export form of a folded model: modules whose ONNX graph is QDQ (SPEC §8).
+"""The export form of a folded model: modules whose ONNX graph is QDQ (docs/methods.md#export).
 
 Every quantized conv/linear becomes a :class:`QDQWeightLayer` with ``DequantizeLinear``
 weights (its BatchNorm folded into the per-channel scale and the bias; a negative BN factor

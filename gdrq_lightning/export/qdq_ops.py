@@ -1,5 +1,5 @@
 """The export-form ops: ``torch.autograd.Function``s whose ``symbolic`` writes ONNX
-``QuantizeLinear`` / ``Clip`` / ``DequantizeLinear`` (SPEC §8).
+``QuantizeLinear`` / ``Clip`` / ``DequantizeLinear`` (docs/methods.md#export).
 
 torch's TorchScript exporter maps ``fake_quantize_*`` only with 8-bit ranges, so these ops
 carry their own ONNX form. Each ``forward`` computes what its ONNX form computes (``x / s``,

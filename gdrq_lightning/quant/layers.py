@@ -1,4 +1,4 @@
-"""Quantized layers that subclass their float layers (SPEC §7).
+"""Quantized layers that subclass their float layers (the swap: docs/methods.md#uniform-quantizers).
 
 ``from_float`` shares the float layer's Parameters (no copy), so the optimizer and
 ``state_dict`` keys of weights are unchanged by the swap; the quantizers add keys

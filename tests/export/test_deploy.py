@@ -204,6 +204,17 @@ def test_the_deploy_form_runs_on_another_device_and_restores_there() -> None:
     assert restore_deploy(fresh) and fresh(torch.empty(1, 3, 16, 16, device="meta")).shape == (1, 10)
 
 
+def test_the_float64_accumulation_other_devices_take_gives_the_same_codes(monkeypatch) -> None:
+    """CUDA (cuDNN may pick inexact algorithms) and sums that can pass 2^24 accumulate in float64 and
+    round; forced on the CPU, that path gives the float32 path's output bit for bit."""
+    model = simulate_deploy(small(), [_randn(8, 3, 16, 16, seed=1)])
+    x = _randn(8, 3, 16, 16, seed=2)
+    with torch.no_grad():
+        expected = model(x)
+        monkeypatch.setattr("gdrq_lightning.quant.deploy.EXACT_FLOAT32", 0)
+        assert torch.equal(model(x), expected)
+
+
 def test_simulate_deploy_refuses_what_it_cannot_do_in_one_line(tmp_path) -> None:
     x = _randn(2, 3, 16, 16)
     with pytest.raises(ValueError, match=r"runtime='tensorrt' is not supported; supported runtimes: ort"):

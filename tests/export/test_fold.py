@@ -1,4 +1,4 @@
-"""Folding group steps into BatchNorm (SPEC §3): exact formula, eval equality, pairing rules."""
+"""Folding group steps into BatchNorm (docs/methods.md#group-quantization): exact formula, eval equality, pairing rules."""
 from __future__ import annotations
 
 import copy
