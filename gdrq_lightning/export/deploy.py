@@ -23,11 +23,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..quant import ActGrid
 from ..quant.deploy import DIRECT, FLOAT, OWN_GRID, freeze_batchnorm, release_batchnorm
+from ..quant.distributed import world_size
 from .build import build_qdq_model
 from .deploy_export import ACT_LAYERS, WEIGHT_LAYERS, is_deployed
 from .fold import _bn_can_fold, fold_groups_into_bn
@@ -116,6 +118,8 @@ def simulate_deploy(model: nn.Module, batches: Iterable[Any] | None, runtime: st
         ``to_onnx(model, ...)`` up to rounding ties (ORT's ``QLinearAdd`` rounds in its own float
         arithmetic; every ``QLinearConv`` output code agrees).
 
+    Under ``torch.distributed`` call it on every rank: the ranks take rank 0's grids (one broadcast).
+
     Raises:
         ValueError: unknown ``runtime`` (lists the supported ones), an empty ``batches``, a
             quantizer switched off (names the layer), a model already in deploy form given
@@ -148,7 +152,24 @@ def simulate_deploy(model: nn.Module, batches: Iterable[Any] | None, runtime: st
             q = act.act_quantizer
             act.deploy.set_grid(q.export_grid(q.act_groups if q.act_groups > 1 else None))
     _freeze_batchnorms(model, bns)
+    _broadcast(model)
     return model
+
+
+@torch.no_grad()
+def _broadcast(model: nn.Module) -> None:
+    """Under ``torch.distributed``: every rank takes rank 0's deploy state (its 8-bit output grids
+    came from rank 0's batches), in one collective; nothing on one process."""
+    if world_size() == 1:
+        return
+    states = [m.deploy for m in model.modules() if isinstance(m, (*WEIGHT_LAYERS, *ACT_LAYERS))]
+    buffers = [b for s in states for b in s.buffers()]
+    flat = torch.cat([b.reshape(-1).double() for b in buffers])  # int32 codes and float32 scales exactly
+    dist.broadcast(flat, src=0)
+    for b, value in zip(buffers, flat.split([b.numel() for b in buffers])):
+        b.copy_(value.reshape(b.shape).to(b.dtype))
+    for state in states:
+        state._sync({})
 
 
 def restore_deploy(model: nn.Module) -> bool:
