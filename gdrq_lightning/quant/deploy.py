@@ -135,12 +135,13 @@ class ActDeploy(_DeployBuffers):
         return ActGrid(scale.clone(), *self._range, self._znp)
 
     def forward(self, x: Tensor, quantizer: nn.Module) -> Tensor:
+        dtype, x = x.dtype, x.float()  # codes and scales in float32 (a bf16 model: as far as bf16 carries them)
         scale = self.scale.reshape(()) if self.groups == 1 else channel_view(self.scale.repeat_interleave(x.shape[1] // self.groups), x, 1)
-        y = grid_fake_quant(x, scale.to(x.dtype), *self._range)
+        y = grid_fake_quant(x, scale, *self._range)
         if self._znp:
             y = torch.where(x > 0, y, torch.zeros_like(y))
         # the method's own learned clip or step is not used now; a zero gradient keeps DDP's reducer whole
-        return attach(y, *quantizer.parameters())
+        return attach(y.to(dtype), *quantizer.parameters())
 
     def extra_repr(self) -> str:
         return f"mode={self._mode}, range={self._range}"
@@ -231,11 +232,12 @@ class LayerDeploy(_DeployBuffers):
         """``(z, s_w, c, m)``: integer weight codes (times the power of two ``m`` that fills int8, signs
         of negative BatchNorm factors moved in; exact values, straight-through gradient to the weight),
         per-channel scale, folded float bias."""
-        w_fq = layer.weight_quantizer(layer.weight)
+        w_fq = layer.weight_quantizer(layer.weight).float()
         with torch.no_grad():
             codes, step = layer.weight_quantizer.to_integer(layer.weight.detach())
         step = step.to(w_fq)
         a, c = self.affine(layer)
+        a, c = (None if a is None else a.float()), (None if c is None else c.float())
         factor = step if a is None else step * a
         sign = torch.where(factor.detach() < 0, -1.0, 1.0).to(w_fq)
         zi = codes.to(w_fq) * channel_view(sign, w_fq, 0)
@@ -255,16 +257,19 @@ class LayerDeploy(_DeployBuffers):
         return acc + (torch.round(acc) - acc).detach()
 
     def forward(self, layer: nn.Module, x: Tensor) -> Tensor:
-        axis = 1 if x.dim() > 2 and isinstance(layer, nn.Conv2d) else -1
+        axis = (1 if x.dim() == 4 else 0) if isinstance(layer, nn.Conv2d) else -1  # a conv's input may be unbatched
         iq = layer.input_quantizer
-        s_x = self.in_scale.to(x.dtype)
-        if self._mode == FLOAT:
-            if iq is not None:
-                x = attach(grid_fake_quant(x, s_x, *self._in), *iq.parameters())
-            y = layer._op(x, layer.weight_quantizer(layer.weight))
-            a, c = self.affine(layer)
-            y = y if a is None else y * channel_view(a, y, axis)
-            return y if c is None else y + channel_view(c, y, axis)
+        if self._mode != FLOAT:  # integer arithmetic in float32 (a bf16 model: as far as bf16 carries the codes)
+            return self._integer(layer, x.float(), axis, iq).to(x.dtype)
+        if iq is not None:  # FLOAT: the fake-quant layer with its BatchNorm folded in
+            x = attach(grid_fake_quant(x, self.in_scale.to(x.dtype), *self._in), *iq.parameters())
+        y = layer._op(x, layer.weight_quantizer(layer.weight))
+        a, c = self.affine(layer)
+        y = y if a is None else y * channel_view(a, y, axis)
+        return y if c is None else y + channel_view(c, y, axis)
+
+    def _integer(self, layer: nn.Module, x: Tensor, axis: int, iq: nn.Module | None) -> Tensor:
+        s_x = self.in_scale
         xq = round_ste(x / s_x)
         if iq is not None:
             xq = attach(torch.clamp(xq, *self._in), *iq.parameters())
@@ -272,7 +277,7 @@ class LayerDeploy(_DeployBuffers):
         acc = self._accumulate(layer, xq, z)
         lattice = s_x * s_w
         v = acc.float() if c is None else exact_sum(acc, channel_view(round_ste(c / lattice), acc, axis))
-        s_y = self.out_scale.to(x.dtype)
+        s_y = self.out_scale
         u = v * channel_view(requant_multiplier(lattice, s_y), v, axis)
         return torch.clamp(round_ste(u), *self._out) * s_y
 

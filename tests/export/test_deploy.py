@@ -204,6 +204,15 @@ def test_the_deploy_form_runs_on_another_device_and_restores_there() -> None:
     assert restore_deploy(fresh) and fresh(torch.empty(1, 3, 16, 16, device="meta")).shape == (1, 10)
 
 
+def test_a_bf16_model_trains_in_deploy_form_with_float32_arithmetic_inside() -> None:
+    """Lightning's ``bf16-true``: the deploy layers compute in float32 and hand bf16 on; the state stays float32."""
+    model = simulate_deploy(small(), [_randn(8, 3, 16, 16, seed=1)]).to(torch.bfloat16).train()
+    y = model(_randn(4, 3, 16, 16, seed=2).to(torch.bfloat16))
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and bool(torch.isfinite(y.float()).all())
+    assert model.block.conv1.weight.grad is not None and model.block.conv2.deploy.out_scale.dtype == torch.float32
+
+
 def test_the_float64_accumulation_other_devices_take_gives_the_same_codes(monkeypatch) -> None:
     """CUDA (cuDNN may pick inexact algorithms) and sums that can pass 2^24 accumulate in float64 and
     round; forced on the CPU, that path gives the float32 path's output bit for bit."""
