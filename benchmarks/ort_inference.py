@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gdrq_lightning import QuantConfig, quantize_model  # noqa: E402
-from gdrq_lightning.export import kernel_summary, optimized_op_counts, to_onnx  # noqa: E402
+from gdrq_lightning.export import kernel_summary, optimized_op_counts, simulate_deploy, to_onnx  # noqa: E402
 from gdrq_lightning.export.accuracy import match_detections  # noqa: E402
 from gdrq_lightning.export.onnx_export import export_qdq, onnx_spec, ort_session  # noqa: E402
 from gdrq_lightning.task import quant_network, resolve_config  # noqa: E402
@@ -255,7 +255,8 @@ EXPORTS = {"int8": {}, "int8, float_outputs": {"float_outputs": True}, "int4": {
 @torch.no_grad()
 def trained_agreement(ckpt: str, data: Any, work: Path) -> str:
     """ORT (default session) against the trained checkpoint's fake-quant model on a validation split,
-    per export form: a classifier's logits (per image: largest difference over the largest logit)
+    per export form (the last: the network put in deploy form on the 4 calibration batches, no
+    training, also against that PyTorch deploy form): a classifier's logits (per image: largest difference over the largest logit)
     and top-1, or a detector's confident boxes (score >= 0.5, IoU >= 0.9, same label). The first row
     is PyTorch's own float32 model against float64, the float rounding every comparison sits on."""
     from gdrq_lightning.checkpoint import load_quantized_module
@@ -270,13 +271,15 @@ def trained_agreement(ckpt: str, data: Any, work: Path) -> str:
                                               ["top-1 agreement", "median err", "max err", "images with err > 2%"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
 
-    def row(label: str, kernels: str, outputs: list[Any]) -> None:
+    def row(label: str, kernels: str, outputs: list[Any], against: nn.Module | None = None) -> None:
+        """``against``: the PyTorch model compared with (default: the fake-quant one, in float64)."""
         if detector:
-            pairs = [match_detections(tuple(t.double() for t in network(x)), o, score=0.5) for x, o in zip(inputs, outputs)]
+            ref_net = against or network
+            pairs = [match_detections(tuple(t.double() for t in ref_net(x)), o, score=0.5) for x, o in zip(inputs, outputs)]
             found, total = sum(p[0] for p in pairs), sum(p[1] for p in pairs)
             lines.append(f"| {label} | {kernels} | {sum(p[0] == p[1] for p in pairs)}/{len(pairs)} | {found}/{total} |")
             return
-        ref = torch.cat([reference(x.double()) for x in inputs])
+        ref = torch.cat([reference(x.double()) if against is None else against(x).double() for x in inputs])
         got = torch.cat([o.double() for o in outputs])
         err = (got - ref).abs().amax(1) / ref.abs().amax(1)
         top1 = float((got.argmax(1) == ref.argmax(1)).float().mean())
@@ -286,16 +289,19 @@ def trained_agreement(ckpt: str, data: Any, work: Path) -> str:
     if not detector:
         row("PyTorch float32 (no export)", "-", [network(x) for x in inputs])
     calibration = inputs[:4]
-    for label, options in EXPORTS.items():
+    deployed = simulate_deploy(copy.deepcopy(network), calibration)  # no training: the form alone
+    for label, options in [*EXPORTS.items(), ("deploy form (simulate_deploy)", None)]:
         path = work / f"trained_{len(lines)}.onnx"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            to_onnx(network, inputs[0], path, calibration=calibration, **options)
+            to_onnx(deployed if options is None else network, inputs[0], path, calibration=calibration, **(options or {}))
         counts = kernel_summary(optimized_op_counts(path))
         session = ort_session(path)
         outputs = [tuple(torch.from_numpy(o) for o in session.run(None, {"input": x.numpy()})) for x in inputs]
-        row(label, f"{counts['integer']} of {counts['integer'] + counts['float']}",
-            outputs if detector else [o[0] for o in outputs])
+        kernels = f"{counts['integer']} of {counts['integer'] + counts['float']}"
+        row(label + (", vs fake-quant" if options is None else ""), kernels, outputs if detector else [o[0] for o in outputs])
+        if options is None:  # what --validate compares: the file against the PyTorch deploy form
+            row(label + ", vs its PyTorch deploy form", kernels, outputs if detector else [o[0] for o in outputs], deployed)
     return "\n".join(lines)
 
 

@@ -3,7 +3,9 @@
 A checkpoint written with :class:`GDRQCallback` carries the module's class path, its
 hyper-parameters and the ``QuantConfig``; loading is ``weights_only=True`` throughout.
 Constructing a task module reads no file (pretrained weights load in its ``setup``, see
-:mod:`gdrq_lightning.task`), so the hyper-parameters are used exactly as saved.
+:mod:`gdrq_lightning.task`), so the hyper-parameters are used exactly as saved. A checkpoint
+saved in deploy form (its state lists the phase ``deploy``) comes back in deploy form, its
+grids as trained (:func:`~gdrq_lightning.export.restore_deploy`).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from .export.deploy import restore_deploy
 from .quant import QuantConfig, quantize_model
 from .task import quant_network, resolve_config
 from .utils.modules import import_object
@@ -45,8 +48,26 @@ def gdrq_state(ckpt: dict[str, Any], path: str = "checkpoint") -> dict[str, Any]
     raise CheckpointError(f"{path} has no GDRQCallback state: it was not trained with the gdrq quantization callback")
 
 
+def load_datamodule(path: str) -> pl.LightningDataModule:
+    """The checkpoint's own datamodule, built from the hyper-parameters ``gdrq fit`` saved with it.
+
+    Raises:
+        CheckpointError: the checkpoint names no datamodule class (pass a data config instead).
+    """
+    hparams = load_checkpoint(path).get("datamodule_hyper_parameters") or {}
+    class_path = hparams.get("_class_path", "")
+    if not class_path:
+        raise CheckpointError(f"{path} names no datamodule (saved outside `gdrq fit`?); pass --data-config CONFIG")
+    try:
+        cls = import_object(class_path)
+    except ImportError:
+        raise CheckpointError(f"{path}: cannot import the datamodule class {class_path!r}") from None
+    return cls(**{k: v for k, v in hparams.items() if not k.startswith("_")})
+
+
 def load_quantized_module(path: str) -> pl.LightningModule:
-    """Instantiate the checkpoint's LightningModule, quantize it as trained, load the weights.
+    """Instantiate the checkpoint's LightningModule, quantize it as trained, load the weights
+    (a deploy-form checkpoint: in deploy form).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -62,7 +83,8 @@ def load_quantized_module(path: str) -> pl.LightningModule:
     hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if not k.startswith("_")}
     module = cls(**hparams)
     config = QuantConfig(**{"quant_inputs": [], **state["config"]})  # checkpoints from before input quantizers: none
-    quantize_model(quant_network(module), resolve_config(config, module))
+    network = quant_network(module)
+    quantize_model(network, resolve_config(config, module))
     try:
         result = module.load_state_dict(ckpt["state_dict"], strict=False)
     except RuntimeError as e:  # shape mismatches
@@ -72,4 +94,6 @@ def load_quantized_module(path: str) -> pl.LightningModule:
             f"{path} does not match {class_path}: missing keys {result.missing_keys[:5]}, "
             f"unexpected keys {result.unexpected_keys[:5]}"
         )
+    if not restore_deploy(network) and "deploy" in state.get("done", []):
+        raise CheckpointError(f"{path}: its GDRQCallback state lists the phase 'deploy' but its weights hold no deploy state")
     return module.eval()

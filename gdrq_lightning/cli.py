@@ -90,7 +90,8 @@ def run_export(args: list[str]) -> None:
         epilog="example:\n  gdrq export --ckpt runs/gdrq-lightning/RUN_ID/checkpoints/last.ckpt --out export/ "
                "--data-config configs/classification/digits_gdrq_w4a4.yaml\n"
                "  gdrq export --ckpt runs/detection/digits_coco_gdrq_w4a4/last.ckpt --out export_det/ "
-               "--input-shape 3 96 96 --data-config configs/detection/digits_coco_gdrq_w4a4.yaml")
+               "--input-shape 3 96 96 --data-config configs/detection/digits_coco_gdrq_w4a4.yaml\n"
+               "  gdrq export --ckpt runs/.../last.ckpt --out export/ --validate   # ORT vs PyTorch on the run's val split")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by a gdrq run (e.g. runs/.../last.ckpt)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
@@ -107,6 +108,11 @@ def run_export(args: list[str]) -> None:
     parser.add_argument("--float-outputs", action="store_true",
                         help="keep layers whose output no quantizer reads (residual branches, FPN outputs) in float: "
                              "closer to the fake-quant model, fewer integer kernels")
+    parser.add_argument("--validate", action="store_true",
+                        help="run the written ONNX file in ONNX Runtime's default session over the validation split of "
+                             "the run's datamodule (the checkpoint's, or --data-config) with the task's metric (top-1, "
+                             "COCO mAP, mIoU) and print PyTorch and ONNX Runtime side by side with their agreement; "
+                             "the numbers go into the report as 'validation'")
     ns = parser.parse_args(args)
     if ns.calibration_batches < 1:
         raise ValueError(f"--calibration-batches={ns.calibration_batches} must be >= 1")
@@ -114,18 +120,24 @@ def run_export(args: list[str]) -> None:
 
     import torch
 
-    from .checkpoint import load_quantized_module
+    from .checkpoint import load_datamodule, load_quantized_module
     from .export import export_model
     from .export.accuracy import calibration_inputs, compare_predictions, datamodule_from_config
-    from .task import export_network
+    from .export.validate import format_validation, validate_onnx
+    from .task import export_metric, export_network
 
-    network = export_network(load_quantized_module(ns.ckpt))
-    datamodule = datamodule_from_config(ns.data_config) if ns.data_config else None
+    module = load_quantized_module(ns.ckpt)
+    network = export_network(module)
+    datamodule = datamodule_from_config(ns.data_config) if ns.data_config else load_datamodule(ns.ckpt) if ns.validate else None
     calibration = calibration_inputs(datamodule, ns.calibration_batches) if datamodule is not None else None
     report = export_model(network, torch.zeros(1, *ns.input_shape), ns.out, weight_format=ns.onnx_weights,
                           calibration=calibration, float_outputs=ns.float_outputs)
-    if datamodule is not None:
+    if ns.validate:  # the task's metric and the agreement: what --data-config alone compares, and more
+        report["validation"] = validate_onnx(network, report["files"]["onnx"], datamodule, export_metric(module, datamodule))
+        print(format_validation(report["validation"]), file=sys.stderr)
+    elif datamodule is not None:
         report["val_accuracy"] = compare_predictions(network, report["files"]["onnx"], datamodule)
+    if datamodule is not None:
         with open(report["files"]["report"], "w") as f:
             json.dump(report, f, indent=2)
     print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))

@@ -15,6 +15,7 @@ its hyper-parameters alone.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -29,16 +30,21 @@ if TYPE_CHECKING:
 class QuantTask(Protocol):
     """The contract a LightningModule meets to be quantized by gdrq.
 
-    One more method is optional (a module without it still meets the contract):
+    Two more methods are optional (a module without them still meets the contract):
     ``quant_inputs_default() -> list[str] | None``, the layers whose input gets its own
     quantizer when ``QuantConfig.quant_inputs`` is None (see :func:`resolve_config`), for
-    necks whose convs read float sums or concatenations (detection: the FPN output convs).
+    necks whose convs read float sums or concatenations (detection: the FPN output convs);
+    ``export_metric(datamodule)``, a fresh metric over :meth:`export_network` outputs
+    (``update(outputs, batch)``, ``compute() -> dict``; see :mod:`gdrq_lightning.export.validate`)
+    that ``gdrq export --validate`` scores PyTorch and ONNX Runtime with (default: top-1 or mIoU,
+    from the targets' shape).
 
     Example:
         >>> class MyTask(pl.LightningModule):
         ...     def quant_network(self) -> nn.Module: return self.net
         ...     def quant_skip_default(self) -> list[str] | None: return ["stem", "head"]
         ...     def quant_inputs_default(self) -> list[str] | None: return ["neck.fuse"]  # optional
+        ...     def export_metric(self, datamodule): return Top1()       # optional
         ...     def load_pretrained(self) -> None: ...          # called from setup()
         ...     def export_network(self) -> nn.Module: return self.net
         ...     def quant_forward(self, batch) -> None: self.net(batch[0])
@@ -91,6 +97,12 @@ def quant_forward(pl_module: pl.LightningModule, batch: Any) -> None:
 def export_network(pl_module: pl.LightningModule) -> nn.Module:
     """The contract's export module (tensor outputs), or the whole module for a plain LightningModule."""
     return pl_module.export_network() if isinstance(pl_module, QuantTask) else pl_module
+
+
+def export_metric(pl_module: pl.LightningModule, datamodule: pl.LightningDataModule) -> Callable[[], Any] | None:
+    """A maker of the task's :meth:`export_metric <QuantTask>` objects, or ``None`` (no such method)."""
+    method = getattr(pl_module, "export_metric", None)
+    return (lambda: method(datamodule)) if callable(method) else None
 
 
 def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantConfig:

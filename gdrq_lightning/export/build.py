@@ -28,7 +28,6 @@ def act_meta(q: nn.Module) -> dict[str, Any]:
 @torch.no_grad()
 def _qdq_weight(layer: nn.Module, bn: nn.Module | None, weight_format: str) -> tuple[Any, ...]:
     """Codes, positive scale, offset, folded bias (float64) and INT4 flag of ``layer`` (+ ``bn``)."""
-    z = layer.codes.to(torch.int32)
     bias = None if layer.bias is None else layer.bias.double()
     if bn is None:
         factor = layer.step.double()
@@ -36,6 +35,13 @@ def _qdq_weight(layer: nn.Module, bn: nn.Module | None, weight_format: str) -> t
         factor = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
         c = torch.zeros_like(factor) if bias is None else bias
         bias = bn.bias.double() + (c - bn.running_mean.double()) * factor
+    return qdq_weight(layer.codes.to(torch.int32), factor, bias, layer.bits, weight_format)
+
+
+@torch.no_grad()
+def qdq_weight(z: Tensor, factor: Tensor, bias: Tensor | None, bits: int, weight_format: str) -> tuple[Any, ...]:
+    """Export parts of integer codes ``z`` times a per-channel ``factor`` (float64; a negative one
+    flips the channel's codes) plus ``bias``: codes, positive scale, offset, bias, INT4 flag."""
     z = z * torch.where(factor < 0, -1, 1).to(torch.int32).reshape((-1,) + (1,) * (z.dim() - 1))
     factor = factor.abs()
     if weight_format == "int4" and INT4_RANGE[0] <= int(z.min()) and int(z.max()) <= INT4_RANGE[1]:
@@ -43,17 +49,17 @@ def _qdq_weight(layer: nn.Module, bn: nn.Module | None, weight_format: str) -> t
     if -128 <= int(z.min()) and int(z.max()) <= 127:
         m = code_multiplier(z)
         return (z * m).to(torch.int8), factor / m, None, bias, False
-    n = 2**layer.bits - 1  # odd 8-bit codes 2k - 255 -> uint8 k, w = k * 2f - 255 f
+    n = 2**bits - 1  # odd 8-bit codes 2k - 255 -> uint8 k, w = k * 2f - 255 f
     offset = (n * factor).reshape((-1,) + (1,) * (z.dim() - 1))
     return ((z + n) // 2).to(torch.uint8), 2 * factor, offset, bias, False
 
 
-def _float_parts(state: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+def float_parts(state: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
     codes, scale, offset, bias, int4 = state
     return codes, scale.to(dtype), None if offset is None else offset.to(dtype), None if bias is None else bias.to(dtype), int4
 
 
-def act_channels(model: nn.Module, example_input: Tensor) -> dict[str, int]:
+def act_channels(model: nn.Module, *args: Any) -> dict[str, int]:
     """Input channel count of every activation / input quantizer, from one eval forward pass."""
     seen: dict[str, int] = {}
 
@@ -67,7 +73,7 @@ def act_channels(model: nn.Module, example_input: Tensor) -> dict[str, int]:
     hooks = [m.register_forward_pre_hook(record(n)) for n, m in model.named_modules() if isinstance(m, kinds)]
     try:
         with torch.no_grad():
-            model.eval()(example_input)
+            model.eval()(*args)
     finally:
         for h in hooks:
             h.remove()
@@ -109,7 +115,7 @@ def build_qdq_model(
             bn = qdq.get_submodule(layer.folded_into) if layer.folded_into else None
             state = _qdq_weight(layer, bn, weight_format)
             exact_bias[name] = state[3]
-            new = (QDQConv2d if isinstance(layer, IntegerConv2d) else QDQLinear)(layer, *_float_parts(state, dtype))
+            new = (QDQConv2d if isinstance(layer, IntegerConv2d) else QDQLinear)(layer, *float_parts(state, dtype))
             iq = layer.input_quantizer
             if iq is not None and iq.is_on():
                 new.input_act = QDQAct(iq.export_grid(channels.get(f"{name}.input_quantizer")), act_meta(iq))

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .build import build_qdq_model
+from .deploy_export import deploy_qdq_model, is_deployed
 from .fold import fold_groups_into_bn
 from .integer import pack_bits
 from .layers import INTEGER_LAYER_TYPES
@@ -162,12 +163,29 @@ def to_onnx(
         float_outputs: keep those layers float instead: ORT then runs the fake-quant model's
             arithmetic (up to the int32 biases' rounding), with fewer integer kernels.
 
+    A model in deploy form (:func:`~.deploy.simulate_deploy`) is written as it computes: its
+    grids and integer layers as trained, ``calibration`` unused.
+
     Returns:
         ``path``, after ``onnx.checker.check_model(full_check=True)`` passed.
+
+    Raises:
+        ValueError: ``weight_format="int4"`` or ``float_outputs`` for a deploy-form model (both
+            write float layers where it computes integer ones).
     """
+    if is_deployed(model):
+        check_deploy_options(weight_format, float_outputs)
+        return export_qdq(deploy_qdq_model(model, example_input), example_input, path, opset=opset, spec=onnx_spec(model))
     qdq = build_qdq_model(_folded(model), example_input, weight_format=weight_format, calibration=calibration,
                           float_outputs=float_outputs)
     return export_qdq(qdq, example_input, path, opset=opset, spec=onnx_spec(model))
+
+
+def check_deploy_options(weight_format: str, float_outputs: bool) -> None:
+    """A deploy-form model exports as it computes: int8 integer kernels, 8-bit output grids."""
+    if weight_format != "int8" or float_outputs:
+        raise ValueError(f"a model in deploy form exports as it computes (int8 codes, its own output grids); "
+                         f"weight_format={weight_format!r}, float_outputs={float_outputs} would write float layers")
 
 
 def ort_session(path: str | os.PathLike, *, optimize: bool = True, threads: int = 1, optimized_path: str | None = None) -> Any:

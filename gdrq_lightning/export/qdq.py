@@ -102,6 +102,7 @@ class QDQWeightLayer(nn.Module):
         self.output_act: QDQAct | None = None
         self.integer = False
         self.note = "not wired"
+        self.wired: tuple[Any, Any] | None = None  # (input grid, direct output quantizers), see wiring
 
     @property
     def integer_weights(self) -> bool:
@@ -157,10 +158,10 @@ class QDQWeightLayer(nn.Module):
 class QDQConv2d(QDQWeightLayer):
     """A conv in export form (see :class:`QDQWeightLayer`)."""
 
-    def __init__(self, layer: IntegerConv2d, *state: Any) -> None:
+    def __init__(self, layer: nn.Module, *state: Any) -> None:
         super().__init__(*state)
         self.stride, self.padding, self.dilation = layer.stride, layer.padding, layer.dilation
-        self.groups = layer.conv_groups
+        self.groups = layer.conv_groups if isinstance(layer, IntegerConv2d) else layer.groups  # or a QuantConv2d
 
     def _layer(self, x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
         return F.conv2d(x, w, bias, self.stride, self.padding, self.dilation, self.groups)

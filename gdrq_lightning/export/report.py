@@ -24,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from .build import build_qdq_model
+from .deploy import clear_deploy
+from .deploy_export import deploy_qdq_model, is_deployed
 from .fold import fold_with_pairing
 from .integer import fp32_bytes, save_integer
 from .layers import INTEGER_LAYER_TYPES
@@ -214,7 +216,8 @@ def export_model(
         check_input: the batch every comparison runs on; default :func:`default_check_input`.
         weight_format: ``"int8"`` (integer kernels) or ``"int4"`` (smallest file), see :func:`~.onnx_export.to_onnx`.
         calibration: batches that set the 8-bit grids of float outputs made integer (real
-            images; default: ``[check_input]``).
+            images; default: ``[check_input]``); unused for a model in deploy form, which is
+            written as it computes (``report["deploy"]``; ``outputs["fakequant_vs_deploy"]``).
         float_outputs: keep the layers with float outputs float (see :func:`~.onnx_export.to_onnx`).
 
     Returns:
@@ -223,7 +226,9 @@ def export_model(
     Raises:
         TypeError: ``model`` returns something other than tensors (says what).
     """
-    from .onnx_export import export_qdq, kernel_summary, onnx_spec, op_counts, optimized_op_counts, run_onnxruntime
+    from .onnx_export import (
+        check_deploy_options, export_qdq, kernel_summary, onnx_spec, op_counts, optimized_op_counts, run_onnxruntime,
+    )
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -232,25 +237,37 @@ def export_model(
     x = _cpu_batch(default_check_input(example, spec.dynamic_batch, spec.dynamic_size) if check_input is None else check_input)
     reference = copy.deepcopy(model).cpu().float().eval()
     check_outputs(reference, example)
-    folded, pairing = fold_with_pairing(reference)
-    qdq = build_qdq_model(folded, example, weight_format=weight_format, calibration=calibration or [x],
-                          float_outputs=float_outputs)
+    deployed = is_deployed(reference)
+    if deployed:  # written as it computes; the integer file and the layer rows from its fake-quant twin
+        check_deploy_options(weight_format, float_outputs)
+        plain = clear_deploy(copy.deepcopy(reference))
+        folded, pairing = fold_with_pairing(plain)
+        qdq = deploy_qdq_model(reference, example)
+    else:
+        plain = reference
+        folded, pairing = fold_with_pairing(reference)
+        qdq = build_qdq_model(folded, example, weight_format=weight_format, calibration=calibration or [x],
+                              float_outputs=float_outputs)
     files = {"integer": str(out / f"{stem}_int.pt")}
     sizes = save_integer(folded, files["integer"]) | {"fp32_bytes": fp32_bytes(reference)}
     sizes["compression"] = sizes["fp32_bytes"] / max(sizes["payload_bytes"], 1)
     with torch.no_grad():
         ref_out, folded_out, qdq_out = reference(x), folded(x), qdq(x)
+        plain_out = plain(x) if deployed else None
     scale = max((float(t.abs().max()) for t in as_outputs(ref_out) if t.is_floating_point() and t.numel()), default=0.0)
     outputs: dict[str, Any] = {
         "output_abs_max": scale,
         "folded_vs_fakequant": output_differences(folded_out, ref_out),
         "onnx_form_vs_fakequant": output_differences(qdq_out, ref_out),
     }
-    rows = layer_report(reference, folded, qdq, x)
+    if deployed:  # the reference is the deploy form; how far it moved from the fake-quant network
+        outputs["fakequant_vs_deploy"] = output_differences(plain_out, ref_out)
+    rows = layer_report(plain, folded, qdq, x)
     layers = [r for r in rows if r["kind"] != "act"]
     report: dict[str, Any] = {
         "format": "gdrq-export-report", "version": 2, "input_shape": list(example.shape),
         "check_input_shape": list(x.shape), "weight_format": weight_format, "float_outputs": float_outputs,
+        "deploy": deployed,
         "dynamic": {"batch": spec.dynamic_batch, "size": spec.dynamic_size, "fixed_size_reason": spec.fixed_size_reason},
         "pairing": {"source": pairing.source, "note": pairing.note, "pairs": pairing.pairs},
         "sizes": sizes, "outputs": outputs, "files": files,

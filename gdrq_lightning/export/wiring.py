@@ -101,10 +101,13 @@ def _flat(items: Any) -> list[Any]:
 
 @torch.no_grad()
 def wire(
-    model: nn.Module, batches: list[Any], exact_bias: dict[str, Tensor | None], dtype: torch.dtype, float_outputs: bool = False
+    model: nn.Module, batches: list[Any], exact_bias: dict[str, Tensor | None] | None, dtype: torch.dtype,
+    float_outputs: bool = False,
 ) -> None:
     """Make every layer that can be an integer kernel one (int32 bias, output grid); see module doc.
-    ``float_outputs``: a layer whose output no quantizer reads stays float instead (exact)."""
+    ``float_outputs``: a layer whose output no quantizer reads stays float instead (exact).
+    ``exact_bias=None``: the layers are set up already (a deploy-form model's export): only
+    move quantizers after max pools."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QDQWeightLayer)}
     seen = {n: _Seen() for n in layers}
     grids, outputs, act_outputs = _Tags(), _Tags(), _Tags()
@@ -168,7 +171,8 @@ def wire(
         for h in hooks:
             h.remove()
     for name, layer in layers.items():
-        _decide(layer, seen[name], exact_bias[name], float_outputs)
+        if exact_bias is not None:
+            _decide(layer, seen[name], exact_bias[name], float_outputs)
     _quantize_after_pools(model, pools, cast_args(batches[0], dtype))
 
 
@@ -193,9 +197,14 @@ def _quantize_after_pools(model: nn.Module, pools: dict[str, str], args: tuple[A
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal model outputs: tensors, and tuples, lists and dicts of them (anything else by ``==``)."""
     if isinstance(a, Tensor):
         return isinstance(b, Tensor) and a.shape == b.shape and torch.equal(a, b)
-    return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None, float_outputs: bool) -> None:
@@ -213,6 +222,7 @@ def _decide(layer: QDQWeightLayer, seen: _Seen, exact_bias: Tensor | None, float
         layer.keep_float("float: its output is read unquantized (float_outputs=True)")
     else:
         layer.make_integer(grid.scale, exact_bias)
+        layer.wired = (grid, None if not direct else seen.to_act)  # what simulate_deploy installs
         if not direct:
             out_grid, zero = output_grid(seen.lo, seen.hi)
             layer.output_act = QDQAct(out_grid, {"output": True}, zero).to(layer.scale.dtype)

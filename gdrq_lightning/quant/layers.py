@@ -3,7 +3,8 @@
 ``from_float`` shares the float layer's Parameters (no copy), so the optimizer and
 ``state_dict`` keys of weights are unchanged by the swap; the quantizers add keys
 under ``weight_quantizer.`` / ``act_quantizer.`` (and ``input_quantizer.`` for a conv/linear
-that ``QuantConfig.quant_inputs`` names).
+that ``QuantConfig.quant_inputs`` names), and the deploy form's state (off until
+``simulate_deploy``) keys under ``weight_quantizer.deploy.`` / ``act_quantizer.deploy.`` (:mod:`.deploy`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .config import QuantConfig
+from .deploy import ActDeploy, LayerDeploy
 from .inputs import InputQuantizer
 from .quantizers import ActQuantizer, WeightQuantizer
 
@@ -34,7 +36,17 @@ class _WeightLayer(nn.Module):
         """Take ``layer``'s Parameters (no copy) and its mode, add the weight quantizer."""
         self.weight, self.bias = layer.weight, layer.bias
         self.weight_quantizer = WeightQuantizer(cfg, layer.weight.shape[0], name).to(layer.weight.device)
+        self.weight_quantizer.deploy = LayerDeploy(layer.weight.device)
         return self.train(layer.training)
+
+    @property
+    def deploy(self) -> LayerDeploy:
+        """The layer's deploy-form state (kept in its weight quantizer: keys ``weight_quantizer.deploy.*``)."""
+        return self.weight_quantizer.deploy
+
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        """The layer's operation without bias (the deploy form's integer accumulation)."""
+        raise NotImplementedError
 
     def _give(self, layer: nn.Module) -> nn.Module:
         """``layer`` (built on ``meta``) with this layer's Parameters and mode."""
@@ -64,7 +76,12 @@ class QuantConv2d(_WeightLayer, nn.Conv2d):
     def to_float(self) -> nn.Conv2d:
         return self._give(nn.Conv2d(**self._float_args()))
 
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        return self._conv_forward(x, w, None)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.deploy.active:
+            return self.deploy(self, x)
         return self._conv_forward(*self._quantized(x), self.bias)
 
 
@@ -78,7 +95,12 @@ class QuantLinear(_WeightLayer, nn.Linear):
     def to_float(self) -> nn.Linear:
         return self._give(nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta"))
 
+    def _op(self, x: Tensor, w: Tensor) -> Tensor:
+        return F.linear(x, w)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.deploy.active:
+            return self.deploy(self, x)
         return F.linear(*self._quantized(x), self.bias)
 
 
@@ -92,6 +114,7 @@ class _ActLayer:
 
     def _add_quantizer(self, cfg: QuantConfig, name: str) -> None:
         self.act_quantizer = ActQuantizer(cfg, upper=self.upper, layer_name=name)
+        self.act_quantizer.deploy = ActDeploy(self.act_quantizer.act_groups)
 
     @classmethod
     def from_float(cls, act: nn.Module, cfg: QuantConfig, name: str = "") -> Any:
@@ -100,8 +123,13 @@ class _ActLayer:
     def to_float(self) -> nn.Module:
         return self.float_type()
 
+    @property
+    def deploy(self) -> ActDeploy:
+        """The activation's deploy-form grid (kept in its quantizer: keys ``act_quantizer.deploy.*``)."""
+        return self.act_quantizer.deploy
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.act_quantizer(x)
+        return self.deploy(x, self.act_quantizer) if self.deploy.active else self.act_quantizer(x)
 
 
 class QuantReLU(_ActLayer, nn.ReLU):

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
+from gdrq_lightning.export.validate import Top1
 from tasks.common import TaskModule, check_finite
 from tasks.hub import is_named
 from tasks.weights import load_weights, resolve
@@ -63,6 +64,10 @@ class ClassificationModule(TaskModule):
         h = self.hparams
         if h.pretrained:
             load_weights(self.model, resolve(h.pretrained, h.model), target=h.model, skip_mismatched=True)
+
+    def export_metric(self, datamodule: object) -> Top1:
+        """``gdrq export --validate``'s metric: top-1 of the exported logits."""
+        return Top1()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -27,6 +27,7 @@ import pytorch_lightning as pl
 from torch import Tensor, nn
 
 from gdrq_lightning.export import OnnxSpec
+from gdrq_lightning.export.validate import DetectionMetric
 from tasks.common import TaskModule, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
@@ -154,6 +155,13 @@ class DetectionModule(TaskModule):
     def export_network(self) -> nn.Module:
         """The whole detector for ONNX: one image ``[1, 3, H, W]`` -> boxes, labels, scores."""
         return DetectorExport(self.model)
+
+    def export_metric(self, datamodule: Any) -> DetectionMetric | None:
+        """``gdrq export --validate``'s metric: COCO mAP (pycocotools) of the exported detector."""
+        if not hasattr(datamodule, "load_val_coco"):
+            return None
+        return DetectionMetric(COCOEvaluator(datamodule.load_val_coco, datamodule.label_to_cat_id,
+                                             drop_unmapped=_ids_as_labels(datamodule)))
 
     def quant_forward(self, batch: Batch) -> None:
         """The detector on a training batch: with its targets in train mode (RPN and RoI sampling

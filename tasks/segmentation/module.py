@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from gdrq_lightning.export import OnnxSpec
+from gdrq_lightning.export.validate import MeanIoU
 from tasks.common import TaskModule, check_finite
 from tasks.hub import classifier_label, is_named
 from tasks.weights import load_weights, resolve
@@ -108,6 +109,10 @@ class SegmentationModule(TaskModule):
         """PSPNet's neck convs read float maps (pooled, concatenated): they quantize their inputs.
         FCN's quantized layers all read quantized activations."""
         return list(self.PSP_INPUTS) if self.hparams.arch.startswith("pspnet") else []
+
+    def export_metric(self, datamodule: object) -> MeanIoU:
+        """``gdrq export --validate``'s metric: mIoU and pixel accuracy of the exported main map."""
+        return MeanIoU(self.hparams.num_classes, self.hparams.ignore_index)
 
     def export_network(self) -> nn.Module:
         """The main map; a dynamic image size, except for PSPNet (:attr:`PSP_FIXED_SIZE`)."""
