@@ -21,6 +21,7 @@ from .quant import QuantConfig, calibrate_weights, quantize_model, quantized_lay
 from .quant.distributed import sync_statistics
 from .schedule import ALL_PHASES, Schedule
 from .task import quant_network, resolve_config
+from .training.deploy import begin_deploy, link_deploy
 from .training.guards import check_quantizers_finite, project_weights
 from .training.phases import begin_due_phases, freeze, switch_off_all, switch_on
 
@@ -40,7 +41,8 @@ class GDRQCallback(Callback):
         summary_metric: a validation metric (e.g. ``val/acc1``) recorded at the end of each phase
             and printed when training ends.
         calib_batches: training batches of the pass that calibrates ``k_a: auto`` when
-            ``scale_clip`` or ``quant_acts`` begins (0: each layer's first training batch).
+            ``scale_clip`` or ``quant_acts`` begins (0: each layer's first training batch), and
+            that sets the deploy form's 8-bit grids when ``deploy`` begins (at least one).
         bn_recalib_batches: training batches over which BatchNorm statistics are re-estimated on
             the quantized network when ``freeze_bn`` begins (0: freeze them as they are).
         k_w_every_n_steps: also recalibrate ``k_w: auto`` every N steps while Scale-Clip is on
@@ -68,6 +70,7 @@ class GDRQCallback(Callback):
         self.phase_metrics: dict[str, float] = {}
         self._module_class = ""
         self._target: nn.Module | None = None
+        self._linked = False  # a checkpoint's deploy form linked up again in this stage
 
     @property
     def phase(self) -> str:
@@ -81,13 +84,23 @@ class GDRQCallback(Callback):
             quantize_model(target, resolve_config(self.config, pl_module))
             c = self.config
             rank_zero_info(f"[gdrq] quantized {len(quantized_layers(target))} layers ({c.method.value} W{c.weight_bits}A{c.act_bits})")
+        self._linked = False
         if stage == "fit":  # start in fp; `on_fit_start` replays `done` (a resumed run, or after `validate`)
             switch_off_all(target)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for phase in self.done:  # idempotent: a resumed run continues in the same phase
             switch_on(self._target, phase, self.done)
+        self._link()
         rank_zero_info(f"[gdrq] schedule: {self.schedule.describe()}; current phase: {self.phase}")
+
+    def _link(self, *_: Any) -> None:
+        """Weights from a checkpoint (loaded after ``setup``) in deploy form: link their BatchNorms, once."""
+        if not self._linked:
+            self._linked = True
+            link_deploy(self._target)
+
+    on_validation_start = on_test_start = on_predict_start = _link
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._advance(trainer, pl_module)
@@ -107,7 +120,11 @@ class GDRQCallback(Callback):
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         begin_due_phases(self.schedule, self.done, trainer, pl_module, self._target, calib_batches=self.calib_batches,
-                         bn_recalib_batches=self.bn_recalib_batches)
+                         bn_recalib_batches=self.bn_recalib_batches, prepare={"deploy": self._deploy})
+
+    def _deploy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
+        begin_deploy(trainer, pl_module, network, self.calib_batches)
+        self._linked = True
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.summary_metric) if self.summary_metric else None

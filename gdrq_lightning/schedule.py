@@ -1,7 +1,7 @@
 """The quantization schedule: when each phase begins (docs/methods.md#schedule).
 
 Phases, in order: ``fp`` (implicit, before any other) -> ``scale_clip`` ->
-``quant_weights`` -> ``quant_acts`` -> ``groups`` -> ``freeze_bn`` -> ``freeze_act_stats``.
+``quant_weights`` -> ``quant_acts`` -> ``groups`` -> ``freeze_bn`` -> ``freeze_act_stats`` -> ``deploy``.
 Each phase only turns things on. A start is an epoch or a global step; ``None`` skips the phase.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Union
 
 PHASES: tuple[str, ...] = ("scale_clip", "quant_weights", "quant_acts", "groups", "freeze_bn")  # docs/methods.md#schedule
-OPTIONAL_PHASES: tuple[str, ...] = ("freeze_act_stats",)  # optional, after the five above; skipped unless scheduled
+OPTIONAL_PHASES: tuple[str, ...] = ("freeze_act_stats", "deploy")  # optional, after the five above; skipped unless scheduled
 ALL_PHASES = PHASES + OPTIONAL_PHASES
 Unit = Literal["epoch", "step"]
 PhaseStart = Union[int, str, None]
@@ -63,9 +63,12 @@ class Schedule:
             callback first re-estimates them on the quantized network.
         freeze_act_stats: activation statistics (the Scale-Clip / group EMAs) stop moving
             from here on (activation quantizers in eval mode), for the last epochs.
+        deploy: the network becomes the integer graph the export writes
+            (:func:`gdrq_lightning.export.simulate_deploy` on ``calib_batches`` training batches) and
+            trains on in that form, for the last epoch(s) (docs/methods.md#deploy-form).
         unit: ``epoch`` or ``step`` (global optimizer step) for plain integers.
 
-    The default turns everything but ``freeze_bn`` and ``freeze_act_stats`` on from the first step.
+    The default turns everything but ``freeze_bn``, ``freeze_act_stats`` and ``deploy`` on from the first step.
     """
 
     scale_clip: PhaseStart = 0
@@ -74,6 +77,7 @@ class Schedule:
     groups: PhaseStart = 0
     freeze_bn: PhaseStart = None
     freeze_act_stats: PhaseStart = None
+    deploy: PhaseStart = None
     unit: Unit = "epoch"
 
     def __post_init__(self) -> None:
@@ -92,6 +96,11 @@ class Schedule:
                     f"{latest[0]} ({latest[1].unit} {latest[1].at}); the order is fp -> {' -> '.join(ALL_PHASES)}"
                 )
             earlier[start.unit] = (phase, start)
+        starts = self.starts()
+        missing = [p for p in ("quant_weights", "quant_acts") if starts[p] is None]
+        if starts["deploy"] is not None and missing:
+            raise ValueError(f"Schedule.deploy={self.deploy!r} needs the quantized network, but {', '.join(missing)} "
+                             f"is skipped (null); schedule it before deploy")
 
     def starts(self) -> dict[str, Start | None]:
         return {p: parse_start(p, getattr(self, p), self.unit) for p in ALL_PHASES}
