@@ -107,15 +107,16 @@ def load_float_weights(module: Any, path: str) -> None:
         raise ValueError(f"--ckpt {path} does not fit {type(module).__name__}: missing {result.missing_keys[:5]}")
 
 
-def training_batches(datamodule: Any, module: Any, n: int, device: torch.device) -> list[Any]:
-    """The first ``n`` training batches, through the datamodule's and the module's batch hooks,
-    on ``device`` (what a training step receives)."""
+def training_batches(datamodule: Any, module: Any, n: int, device: torch.device, split: str = "train") -> list[Any]:
+    """The first ``n`` batches of a split (``train`` or ``val``), through the datamodule's and the
+    module's batch hooks, on ``device``: what a training (validation) step receives."""
     from lightning_fabric.utilities.apply_func import move_data_to_device
 
     datamodule.prepare_data()
     datamodule.setup("fit")
+    loader = datamodule.train_dataloader() if split == "train" else datamodule.val_dataloader()
     batches = []
-    for batch in datamodule.train_dataloader():
+    for batch in loader:
         if len(batches) == n:
             break
         for owner in (datamodule, module):

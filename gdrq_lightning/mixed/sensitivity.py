@@ -103,16 +103,51 @@ def seeded(index: int) -> Iterator[None]:
         yield
 
 
+def _leading(field: Any) -> int | None:
+    if isinstance(field, Tensor):
+        return int(field.shape[0]) if field.dim() > 0 else None
+    return len(field) if isinstance(field, (list, tuple)) else None
+
+
+def _take(field: Any, start: int, stop: int) -> Any:
+    return field[start:stop] if isinstance(field, Tensor) else type(field)(field[start:stop])
+
+
+def split_batch(batch: Any, size: int | None) -> list[Any]:
+    """``batch`` in pieces of at most ``size`` samples: a tensor along dim 0; a tuple/list/dict of
+    fields (tensors, or sequences of per-sample items such as a detector's images and targets)
+    when every field has the same leading length; anything else stays whole."""
+    if not size:
+        return [batch]
+    if isinstance(batch, Tensor):
+        fields, rebuild = [batch], lambda parts: parts[0]
+    elif isinstance(batch, dict):
+        fields, rebuild = list(batch.values()), lambda parts: dict(zip(batch, parts))
+    elif isinstance(batch, (list, tuple)):
+        fields, rebuild = list(batch), lambda parts: type(batch)(parts)
+    else:
+        return [batch]
+    lengths = {_leading(f) for f in fields}
+    n = lengths.pop() if len(lengths) == 1 else None
+    if n is None or n <= size:
+        return [batch]
+    return [rebuild([_take(f, i, i + size) for f in fields]) for i in range(0, n, size)]
+
+
 def gradient_statistics(model: nn.Module, layers: list[Layer], errors: Errors, batches: list[Any],
-                        loss_fn: LossFn) -> dict[str, Tensor]:
-    """One forward + backward per batch; sums over batches ``[layers, bits]`` (float64) of
+                        loss_fn: LossFn, micro_batch: int | None = None) -> dict[str, Tensor]:
+    """One forward + backward per (micro-)batch; sums over them, ``[layers, bits]`` float64, of
     ``(g·ΔW)²`` (``linear_sq``), ``g·ΔW`` (``linear``), ``Σ g_i² ΔW_i²`` (``diag``) and
-    ``mean(g²) ‖ΔW‖²`` (``naive``), with ``g`` the batch loss's gradient of the layer's weight."""
+    ``mean(g²) ‖ΔW‖²`` (``naive``), with ``g`` the loss's gradient of the layer's weight, and
+    ``count``, the number of gradients summed. ``micro_batch``: split each batch first
+    (:func:`split_batch`), for gradients closer to per-sample ones."""
     bits = list(next(iter(errors.values())))
     weights = [layer.weight for layer in layers]
     shape = (len(layers), len(bits))
     sums = {k: torch.zeros(shape, dtype=torch.float64) for k in ("linear_sq", "linear", "diag", "naive")}
-    for i, batch in enumerate(batches):
+    pieces = [piece for batch in batches for piece in split_batch(batch, micro_batch)]
+    sums["count"] = torch.tensor(float(len(pieces)), dtype=torch.float64)
+    for i, batch in enumerate(pieces):
         with seeded(i):
             loss = loss_fn(model, batch)
         grads = torch.autograd.grad(loss, weights, allow_unused=True)
@@ -131,9 +166,11 @@ def gradient_statistics(model: nn.Module, layers: list[Layer], errors: Errors, b
     return sums
 
 
-def _gradient_scorer(key: str) -> Scorer:
+def gradient_scorer(key: str, micro_batch: int | None = None) -> Scorer:
+    """A :data:`METHODS` entry scoring with one statistic of :func:`gradient_statistics`."""
     def score(model: nn.Module, layers: list[Layer], errors: Errors, batches: list[Any], loss_fn: LossFn) -> tuple[Tensor, int]:
-        return gradient_statistics(model, layers, errors, batches, loss_fn)[key], len(batches)
+        stats = gradient_statistics(model, layers, errors, batches, loss_fn, micro_batch)
+        return stats[key] * (len(batches) / float(stats["count"])), len(batches)
 
     return score
 
@@ -174,9 +211,9 @@ def _mse(model: nn.Module, layers: list[Layer], errors: Errors, batches: list[An
 
 
 METHODS: dict[str, Scorer] = {
-    "fisher": _gradient_scorer("linear_sq"),
-    "fisher_diag": _gradient_scorer("diag"),
-    "fisher_naive": _gradient_scorer("naive"),
+    "fisher": gradient_scorer("linear_sq"),
+    "fisher_diag": gradient_scorer("diag"),
+    "fisher_naive": gradient_scorer("naive"),
     "measured": _measured,
     "mse": _mse,
 }
