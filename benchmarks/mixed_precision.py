@@ -8,8 +8,9 @@ Three parts, each appending JSON lines to ``--out``:
 * ``notrain``: plans of every method at each ``--budgets`` average weight bits (ties ``auto`` and
   ``none``), tried without training: weights fake-quantized at the plan, activations float,
   BatchNorm statistics as trained; validation loss (the task's training loss on the validation
-  split) and the task metric, against uniform widths and against ``--random-plans`` random
-  plans with the same bit histogram.
+  split) and the task metric, against uniform widths, against ``--random-plans`` random plans
+  with the same bit histogram as the first method's plan (``random``; their size differs) and
+  against as many plans at the same budget from random layer priorities (``random_budget``).
 * ``finetune``: quantization-aware fine-tuning from the FP32 model with the run config's
   callback and schedule (activations at the config's bits), weights uniform W3, uniform W2, the
   plan at W3's total weight bits, and a random plan with the plan's histogram; ``--seeds``.
@@ -54,8 +55,8 @@ CONFIGS = {
     "segmentation": "configs/segmentation/digits_voc_fcn_gdrq_w4a4.yaml",
     "detection": "configs/detection/digits_coco_gdrq_w4a4.yaml",
 }
-# gradient scores from micro-batches (per-sample-like gradients); candidates for the default
-METHODS.setdefault("fisher_m8", gradient_scorer("linear_sq", micro_batch=8))
+# the default's statistic from whole batches and from single samples (the default splits batches into 8)
+METHODS.setdefault("fisher_batch", gradient_scorer("linear_sq"))
 METHODS.setdefault("fisher_m1", gradient_scorer("linear_sq", micro_batch=1))
 
 
@@ -66,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt", required=True, help="FP32 Lightning checkpoint of the task's *_fp32.yaml run")
     p.add_argument("--k-w", default=None, help="override the config's k_w (e.g. auto)")
     p.add_argument("--parts", nargs="+", default=["rank", "notrain"], choices=["rank", "notrain", "finetune"])
-    p.add_argument("--methods", nargs="+", default=["fisher", "fisher_m8", "fisher_diag", "fisher_naive", "mse", "measured"])
+    p.add_argument("--methods", nargs="+",
+                   default=["fisher", "fisher_batch", "fisher_m1", "fisher_diag", "fisher_naive", "mse", "measured"])
     p.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     p.add_argument("--batches", type=int, default=8, help="training batches for sensitivity")
     p.add_argument("--val-batches", type=int, default=None, help="validation batches (default: all)")
@@ -74,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--random-plans", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="finetune: training seeds")
-    p.add_argument("--epochs", type=int, default=None, help="finetune: epochs (default: the config's)")
+    p.add_argument("--epochs", type=int, default=4, help="finetune: epochs")
+    p.add_argument("--lr", type=float, default=None, help="finetune: learning rate (default: the config's)")
+    p.add_argument("--schedule", default="scale_clip=0,quant_weights=1,quant_acts=1,groups=1",
+                   help="finetune: phase epochs, NAME=EPOCH,... (default: GDRQ's reshape-then-quantize in 4 epochs)")
     p.add_argument("--limit-train-batches", type=int, default=None)
     p.add_argument("--plan-method", default="fisher", help="finetune: the method whose plan is trained")
     p.add_argument("--rows", nargs="+", default=["W3", "W2", "plan", "random"], help="finetune: rows to train")
@@ -173,6 +178,21 @@ def random_plans(plan: BitPlan, n: int, seed: int) -> list[BitPlan]:
     return out
 
 
+def random_budget_plans(report: Any, budget: float, ties: str, n: int, seed: int) -> list[BitPlan]:
+    """Plans at the same budget from random per-layer sensitivities ``u_l · 4^-b`` (the shape of a
+    quantization MSE): the budget is used as fully as by a scored plan, the priorities are random."""
+    rng = random.Random(seed + 1)
+    out = []
+    for _ in range(n):
+        scores = {name: dict.fromkeys(report.bits, 0.0) for name in report.layers}
+        for name in report.layers:
+            u = rng.random()
+            scores[name] = {b: u * 4.0 ** -b for b in report.bits}
+        fake = dataclasses.replace(report, scores=scores, method="random")
+        out.append(allocate(fake, avg_weight_bits=budget, ties=ties))
+    return out
+
+
 def plan_row(plan: BitPlan) -> dict[str, Any]:
     return {"avg_weight_bits": plan.avg_weight_bits, "size_mb": plan.size_mb, "bops": plan.bops,
             "histogram": plan.histogram(), "weight_bits": plan.weight_bits}
@@ -199,6 +219,10 @@ def part_notrain(args: argparse.Namespace, s: Setup, reports: dict[str, Any]) ->
                         with plan_weights(s.net, s.config, rnd):
                             append(args.out, {**base, "kind": "random", "like": method, "budget": budget, "ties": ties,
                                               "draw": i, **plan_row(rnd), **s.evaluate()})
+                    for i, rnd in enumerate(random_budget_plans(rep, budget, ties, args.random_plans, args.seed)):
+                        with plan_weights(s.net, s.config, rnd):
+                            append(args.out, {**base, "kind": "random_budget", "budget": budget, "ties": ties,
+                                              "draw": i, **plan_row(rnd), **s.evaluate()})
 
 
 def part_finetune(args: argparse.Namespace, s: Setup) -> None:
@@ -221,12 +245,15 @@ def finetune(args: argparse.Namespace, s: Setup, plan: BitPlan, seed: int) -> di
     raw = copy.deepcopy(s.raw)
     entry = next(c for c in raw["trainer"]["callbacks"] if c["class_path"].endswith("GDRQCallback"))
     init = dict(entry["init_args"])
+    if args.lr is not None:
+        raw["model"]["init_args"]["lr"] = args.lr
+    schedule = {k: int(v) for k, v in (item.split("=") for item in args.schedule.split(","))}
     config = with_plan(QuantConfig(**{**s.user_config, "overrides": {}}), plan)
     pl.seed_everything(seed, verbose=False)
     module, datamodule = build_task(raw)
     load_float_weights(module, args.ckpt)  # the start; a loaded state dict also stands in for `pretrained`
-    callback = GDRQCallback(config, Schedule(**init.get("schedule", {})), summary_metric=init.get("summary_metric"))
-    epochs = args.epochs or raw["trainer"].get("max_epochs", 4)
+    callback = GDRQCallback(config, Schedule(**schedule), summary_metric=init.get("summary_metric"))
+    epochs = args.epochs
     trainer = pl.Trainer(default_root_dir=tempfile.mkdtemp(prefix="gdrq_mixed_"), max_epochs=epochs, accelerator="cpu",
                          devices=1, logger=False, callbacks=[callback], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
@@ -235,7 +262,8 @@ def finetune(args: argparse.Namespace, s: Setup, plan: BitPlan, seed: int) -> di
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    return {"metrics": metrics, "epochs": epochs, "seconds": time.perf_counter() - start}
+    return {"metrics": metrics, "epochs": epochs, "lr": raw["model"]["init_args"].get("lr"), "schedule": schedule,
+            "seconds": time.perf_counter() - start}
 
 
 def main(argv: list[str] | None = None) -> None:

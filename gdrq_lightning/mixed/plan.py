@@ -11,14 +11,14 @@ if TYPE_CHECKING:
 
     from .sensitivity import SensitivityReport
 
-_FNMATCH_SPECIAL = "*?["
+_FNMATCH_CHARS = "*?["
 
 
 def exact_pattern(name: str) -> str:
     """An ``fnmatch`` pattern that matches ``name`` only: ``*``, ``?`` and ``[`` become ``[*]``,
     ``[?]``, ``[[]`` (a module name may hold them, e.g. a ``ModuleDict`` key). As an ``overrides``
     pattern it also reaches ``name``'s children, and conv/linear layers have none to quantize."""
-    return "".join(f"[{c}]" if c in _FNMATCH_SPECIAL else c for c in name)
+    return "".join(f"[{c}]" if c in _FNMATCH_CHARS else c for c in name)
 
 
 @dataclass

@@ -90,12 +90,13 @@ def test_macs_per_image_from_forward_hooks(setup) -> None:
 
 
 def _reference_fisher(net, config, batches, bits):
-    """Mean over batches of ``(g · ΔW)²``, BN in eval mode, dropout with the per-batch seed."""
+    """Mean over 8-sample pieces of ``(g · ΔW)²``, BN in eval mode, dropout with the per-piece seed."""
     out = {n: {b: 0.0 for b in bits} for n in LAYERS}
     net.train()
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.eval()
+    batches = [(x[i:i + 8], y[i:i + 8]) for x, y in batches for i in range(0, len(y), 8)]
     for i, batch in enumerate(batches):
         with seeded(i):
             loss = loss_fn(net, batch)
@@ -108,11 +109,14 @@ def _reference_fisher(net, config, batches, bits):
     return out
 
 
-def test_default_method_is_fisher_and_matches_the_reference(setup) -> None:
-    net, config, batches = setup
+@pytest.mark.parametrize("size", [6, 20])  # whole batches; batches split into 8 + 8 + 4 samples
+def test_default_method_is_fisher_and_matches_the_reference(setup, size: int) -> None:
+    net, config, _ = setup
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(size, 3, 8, 8, generator=gen), torch.randint(0, 4, (size,), generator=gen)) for _ in range(2)]
     assert DEFAULT_METHOD == "fisher"
     report = measure_sensitivity(net, config, batches, loss_fn, bits=(2, 3))
-    assert report.method == "fisher" and report.batches == 3
+    assert report.method == "fisher" and report.batches == 2
     reference = _reference_fisher(copy.deepcopy(net), config, batches, (2, 3))
     for n in LAYERS:
         for b in (2, 3):
