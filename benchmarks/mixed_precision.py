@@ -44,9 +44,10 @@ from scipy.stats import spearmanr
 
 from gdrq_lightning import QuantConfig
 from gdrq_lightning.mixed import METHODS, BitPlan, allocate, measure_sensitivity, plan_weights, with_plan
-from gdrq_lightning.mixed.command import build_task, load_float_weights, task_loss, training_batches
+from gdrq_lightning.mixed import task_loss
+from gdrq_lightning.mixed.command import build_task, load_float_weights, training_batches
 from gdrq_lightning.mixed.layers import counted_layers, measuring
-from gdrq_lightning.mixed.sensitivity import gradient_scorer
+from gdrq_lightning.mixed.sensitivity import gradient_scorer, seeded
 from gdrq_lightning.task import quant_network, resolve_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,10 +113,14 @@ class Setup:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (the task loss, BatchNorms in eval mode) and the task's metric."""
+        """Validation loss (the task loss, BatchNorms in eval mode, the same dropout masks and detector
+        samples for every plan) and the task's metric."""
         layers = counted_layers(self.net, self.config)
+        losses = []
         with measuring(self.net, layers):
-            losses = [float(self.loss_fn(self.net, b)) for b in self.val]
+            for i, b in enumerate(self.val):
+                with seeded(i):
+                    losses.append(float(self.loss_fn(self.net, b)))
         out = {"val_loss": sum(losses) / len(losses)}
         self.net.eval()
         if self.task == "classification":

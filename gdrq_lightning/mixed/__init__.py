@@ -7,11 +7,11 @@ config or to a swapped network.
 >>> config = with_plan(config, plan)  # plan.overrides as QuantConfig.overrides  # doctest: +SKIP
 """
 from .allocate import allocate
-from .apply import apply_plan, plan_bits, plan_weights, with_plan
+from .apply import apply_plan, plan_bits, plan_weights, task_loss, with_plan
 from .plan import BitPlan
 from .sensitivity import DEFAULT_METHOD, METHODS, SensitivityReport, measure_sensitivity
 
 __all__ = [
     "DEFAULT_METHOD", "METHODS", "BitPlan", "SensitivityReport", "allocate", "apply_plan", "measure_sensitivity",
-    "plan_bits", "plan_weights", "with_plan",
+    "plan_bits", "plan_weights", "task_loss", "with_plan",
 ]

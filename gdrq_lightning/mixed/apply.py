@@ -3,6 +3,7 @@ swapped network during training (``plan_bits``), or tried without training (``pl
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -14,6 +15,26 @@ from .allocate import allocate
 from .layers import LossFn, counted_layers, weight_error
 from .plan import BitPlan
 from .sensitivity import DEFAULT_BITS, DEFAULT_METHOD, measure_sensitivity
+
+
+def task_loss(module: Any) -> LossFn:
+    """``loss_fn(network, batch)`` for :func:`measure_sensitivity`: the LightningModule's own
+    ``training_step(batch, 0)`` (the network argument is the module's own network, which the
+    step runs). The step runs detached from its Trainer, Lightning's way of calling a step outside
+    one, so ``self.log`` does nothing: sensitivity batches never reach the run's logs or metrics,
+    and no logging collective runs under DDP (a step that needs ``self.trainer`` cannot be used)."""
+    def loss_fn(_network: nn.Module, batch: Any) -> torch.Tensor:
+        trainer = module._trainer
+        module.trainer = None
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*self.log.*")
+                out = module.training_step(batch, 0)
+        finally:
+            module.trainer = trainer
+        return out["loss"] if isinstance(out, dict) else out
+
+    return loss_fn
 
 
 def with_plan(config: QuantConfig, plan: BitPlan) -> QuantConfig:

@@ -4,8 +4,7 @@ The model and datamodule are built from the config's ``class_path`` entries with
 (as LightningCLI builds them, without a Trainer); the quantization config is the
 ``GDRQCallback``'s, with the task's default ``skip``. Float weights come from ``--ckpt`` or, as
 the task's ``setup`` loads them, from its ``pretrained`` files. The loss is the module's own
-``training_step``, called without a Trainer (Lightning's documented way to call a step outside
-one: ``self.log`` does nothing), on the first ``--batches`` training batches.
+``training_step`` (:func:`~.apply.task_loss`), on the first ``--batches`` training batches.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import argparse
 import copy
 import csv
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,7 @@ import yaml
 
 from ..task import QuantTask, quant_network, resolve_config
 from .allocate import BUDGETS, allocate
-from .apply import with_plan
+from .apply import task_loss, with_plan
 from .plan import BitPlan
 from .sensitivity import DEFAULT_METHOD, METHODS, SensitivityReport, measure_sensitivity
 
@@ -126,17 +124,6 @@ def training_batches(datamodule: Any, module: Any, n: int, device: torch.device,
             batch = owner.on_after_batch_transfer(batch, 0)
         batches.append(batch)
     return batches
-
-
-def task_loss(module: Any) -> Any:
-    """``loss_fn(network, batch)``: the module's ``training_step`` (the network is the module's own)."""
-    def loss_fn(_network: Any, batch: Any) -> torch.Tensor:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*self.log.*")
-            out = module.training_step(batch, 0)
-        return out["loss"] if isinstance(out, dict) else out
-
-    return loss_fn
 
 
 def write_outputs(out: Path, stem: str, raw: dict[str, Any], entry: dict[str, Any], plan: BitPlan,

@@ -37,7 +37,7 @@ def plot_plan(plan: BitPlan, path: str | Path, title: str = "") -> Path:
     if positive and plan.scores:
         ax_score.set_xscale("log")
     ax_score.set_xlabel(f"sensitivity ({plan.method})")
-    ax_score.legend(fontsize=7, loc="lower right")
+    ax_score.legend(fontsize=7, loc="best")
     ax_score.grid(True, axis="x", alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from gdrq_lightning import QuantConfig, quantize_model, quantized_layers, set_quant_state
 from gdrq_lightning.mixed import (
-    DEFAULT_METHOD, allocate, apply_plan, measure_sensitivity, plan_bits, plan_weights, with_plan,
+    DEFAULT_METHOD, allocate, apply_plan, measure_sensitivity, plan_bits, plan_weights, task_loss, with_plan,
 )
 from gdrq_lightning.mixed.sensitivity import seeded, split_batch
 from gdrq_lightning.quant import WeightQuantizer
@@ -288,3 +288,29 @@ def test_plan_bits_on_a_swapped_network_equals_the_float_plan(setup) -> None:
     plan = plan_bits(swapped, config, batches, loss_fn, {"avg_weight_bits": 3.0}, pin={"mid": 8})
     assert plan.weight_bits == expected.weight_bits and plan.weight_bits["mid"] == 8
     assert plan.avg_weight_bits <= 3.0
+
+
+def test_task_loss_runs_the_training_step_detached_from_its_trainer(setup, recwarn) -> None:
+    import pytorch_lightning as pl
+
+    net, config, batches = setup
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+            self.seen = "never called"
+
+        def training_step(self, batch, batch_idx):
+            self.seen = self._trainer
+            loss = loss_fn(self.net, batch)
+            self.log("train/loss", loss)  # a no-op without a trainer
+            return {"loss": loss}
+
+    module = Module().eval()  # no dropout: the two losses compare exactly
+    sentinel = object()
+    module._trainer = sentinel
+    loss = task_loss(module)(net, batches[0])
+    assert module.seen is None and module._trainer is sentinel
+    torch.testing.assert_close(loss, loss_fn(net, batches[0]))
+    assert not [w for w in recwarn if "self.log" in str(w.message)]
