@@ -9,7 +9,6 @@ the budget check is exact.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -148,7 +147,7 @@ def _pins(report: SensitivityReport, pin: dict[str, int] | None) -> dict[str, in
     for pattern, bits in (pin or {}).items():
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= 8:
             raise ValueError(f"pin[{pattern!r}]={bits!r} must be an integer bit width in 1..8")
-        matched = [n for n in report.layers if name_matches(n, pattern) or fnmatch.fnmatchcase(n, pattern)]
+        matched = [n for n in report.layers if name_matches(n, pattern)]
         if not matched:
             raise ValueError(f"pin pattern {pattern!r} matches no planned layer (some: {', '.join(report.layers[:5])} ...)")
         pins.update(dict.fromkeys(matched, bits))
@@ -174,7 +173,8 @@ def allocate(
 
     Args:
         report: :func:`measure_sensitivity`'s result.
-        pin: ``{fnmatch pattern: bits}``, fixing the matching layers (e.g. ``{"layer4.*": 8}``).
+        pin: ``{pattern: bits}``, fixing the matching layers (e.g. ``{"layer4.*": 8}``); a pattern
+            matches as in ``QuantConfig.skip``: ``fnmatch`` on the name or a dotted ancestor.
         ties: ``"auto"`` (a residual block's last conv and its downsample conv take one width, see
             :mod:`.ties`), ``"none"``, or a list of groups of layer names.
 

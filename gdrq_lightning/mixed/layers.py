@@ -132,7 +132,7 @@ def measuring(model: nn.Module, layers: list[Layer]) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     quantizers = [q for _, q in named_quantizers(model)]
     quantizer_ids = {id(q) for q in quantizers}
-    switches = [(q, dict(q._on)) for q in quantizers]
+    switches = [(q, {n: q.is_on(n) for n in q.switch_names}) for q in quantizers]
     grads = [(layer.weight, layer.weight.requires_grad) for layer in layers]
     try:
         model.train()

@@ -195,11 +195,11 @@ def _measured(model: nn.Module, layers: list[Layer], errors: Errors, batches: li
         original = layer.weight.detach().clone()
         try:
             for bi, b in enumerate(bits):
-                layer.weight.data.add_(errors[layer.name][b])
+                layer.weight.add_(errors[layer.name][b])
                 sums[li, bi] = sum(q - f for q, f in zip(losses(), base))
-                layer.weight.data.copy_(original)
+                layer.weight.copy_(original)
         finally:
-            layer.weight.data.copy_(original)
+            layer.weight.copy_(original)
     return sums, len(batches)
 
 

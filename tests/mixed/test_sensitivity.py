@@ -314,3 +314,32 @@ def test_task_loss_runs_the_training_step_detached_from_its_trainer(setup, recwa
     assert module.seen is None and module._trainer is sentinel
     torch.testing.assert_close(loss, loss_fn(net, batches[0]))
     assert not [w for w in recwarn if "self.log" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["lsq", "gdrq"])
+def test_a_resumed_network_gets_the_plan_back_from_plain_values(setup, method: str) -> None:
+    """What a resumed run does: rebuild the network from the config (no plan), load the weights and
+    quantizer state strictly, read the plan from checkpoint values, apply it without re-initialising."""
+    import io
+
+    net, _, batches = setup
+    config = QuantConfig(method=method, weight_bits=4, act_bits=4, k_w="auto")
+    plan = _plan(net, config, batches)
+    trained = quantize_model(copy.deepcopy(net), config)
+    apply_plan(trained, plan)
+    trained.train()(batches[0][0])  # LSQ steps and auto factors settle at the planned widths
+    with torch.no_grad():  # training moves the learned steps and the weights after that
+        for name, p in trained.named_parameters():
+            p.mul_(1.1) if name.endswith("step") else p.add_(0.05 * torch.randn_like(p))
+    buf = io.BytesIO()
+    torch.save({"state_dict": trained.state_dict(), "plan": plan.to_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = quantize_model(copy.deepcopy(net), config)
+    resumed.load_state_dict(ckpt["state_dict"])  # strict: the plan changed no key
+    from gdrq_lightning.mixed import BitPlan
+
+    apply_plan(resumed, BitPlan.from_dict(ckpt["plan"]), reinit=False)
+    x = batches[1][0]
+    with torch.no_grad():
+        torch.testing.assert_close(resumed.eval()(x), trained.eval()(x), rtol=0, atol=0)
