@@ -23,6 +23,7 @@ Usage:
         --k-w auto --parts rank notrain --out benchmarks/results/mixed_classification.jsonl
     python benchmarks/mixed_precision.py --task segmentation --ckpt runs/segmentation/digits_voc_fcn_fp32/last.ckpt \
         --k-w auto --out benchmarks/results/mixed_segmentation.jsonl
+    python benchmarks/mixed_precision.py summarize benchmarks/results/mixed_*.jsonl   # markdown tables
 """
 from __future__ import annotations
 
@@ -271,7 +272,56 @@ def finetune(args: argparse.Namespace, s: Setup, plan: BitPlan, seed: int) -> di
             "seconds": time.perf_counter() - start}
 
 
+def summarize(paths: list[str]) -> str:
+    """Markdown tables of result files: ranking, no-training plans, fine-tuning, cost."""
+    import statistics as st
+
+    rows = [json.loads(line) for p in paths for line in open(p)]
+    metric = {"classification": ("val_acc1", 100, "top-1 %"), "segmentation": ("val_mIoU", 100, "mIoU")}
+    out = ["| task | method | vs | 2 bits | 3 bits | 4 bits | 8 bits | seconds |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("kind") == "spearman":
+            rho = " | ".join(f"{r['spearman'][str(b)]:.2f}" for b in (2, 3, 4, 8))
+            out.append(f"| {r['task']} | {r['method']} | {r['against'].replace('measured@', '')} | {rho} | {r['seconds']:.0f} |")
+    out += ["", "| task | budget | ties | plan | val loss | metric | avg bits |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["part"] != "notrain" or r.get("kind") not in ("fp32", "uniform"):
+            continue
+        key, scale, _ = metric.get(r["task"], (None, 1, ""))
+        label = "FP32" if r["kind"] == "fp32" else f"uniform W{r['bits_uniform']}"
+        m = f"{r[key] * scale:.1f}" if key else "-"
+        out.append(f"| {r['task']} | - | - | {label} | {r['val_loss']:.3f} | {m} | {r.get('avg_weight_bits', 32):.2f} |")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["part"] == "notrain" and r.get("kind") in ("plan", "random", "random_budget"):
+            label = r["method"] if r["kind"] == "plan" else ("random (histogram)" if r["kind"] == "random" else "random (budget)")
+            groups.setdefault((r["task"], r["budget"], r["ties"], label), []).append(r)
+    for (task, budget, ties, label), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        key, scale, _ = metric.get(task, (None, 1, ""))
+        loss = [r["val_loss"] for r in rs]
+        text = f"{st.mean(loss):.3f}" + (f" ± {st.stdev(loss):.3f}" if len(loss) > 1 else "")
+        m = f"{st.mean(r[key] for r in rs) * scale:.1f}" if key else "-"
+        bits = [r["avg_weight_bits"] for r in rs]
+        span = f"{min(bits):.2f}" + (f"-{max(bits):.2f}" if max(bits) - min(bits) > 0.005 else "")
+        out.append(f"| {task} | {budget:g} | {ties} | {label} | {text} | {m} | {span} |")
+    fine: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["part"] == "finetune":
+            fine.setdefault((r["task"], r["row"]), []).append(r)
+    if fine:
+        out += ["", "| task | row | avg bits | seeds | validation metric per seed | mean |", "|---|---|---|---|---|---|"]
+        for (task, row), rs in fine.items():
+            name = {"classification": "val/acc1", "segmentation": "val/mIoU", "detection": "val/mAP"}[task]
+            vals = [100 * r["metrics"].get(name, float("nan")) for r in rs]
+            out.append(f"| {task} | {row} | {rs[0]['avg_weight_bits']:.2f} | {len(rs)} | "
+                       f"{', '.join(f'{v:.1f}' for v in vals)} | {st.mean(vals):.1f} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if argv is None and sys.argv[1:2] == ["summarize"]:
+        print(summarize(sys.argv[2:]))
+        return
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     s = Setup(args)
