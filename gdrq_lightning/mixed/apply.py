@@ -12,7 +12,7 @@ from torch import nn
 
 from ..quant import QuantConfig, WeightQuantizer
 from .allocate import allocate
-from .layers import LossFn, counted_layers, weight_error
+from .layers import LossFn, counted_layers, quantized_weight
 from .plan import BitPlan
 from .sensitivity import DEFAULT_BITS, DEFAULT_METHOD, measure_sensitivity
 
@@ -142,7 +142,7 @@ def plan_weights(model: nn.Module, config: QuantConfig, plan: BitPlan) -> Iterat
         for name, bits in plan.weight_bits.items():
             w = layers[name].weight
             saved.append((w, w.detach().clone()))
-            w.add_(weight_error(layers[name], bits))
+            w.copy_(quantized_weight(layers[name], bits))
     try:
         yield model
     finally:

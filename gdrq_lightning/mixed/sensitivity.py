@@ -3,7 +3,8 @@
 A score estimates how much the task loss grows when one layer's weights go to ``b`` bits with
 the rest left float, so the summed score of a plan stands for the plan's loss increase. The
 error each layer would get, ``ΔW = Q_b(W) - W``, comes from the configured method's own weight
-quantizer (:mod:`.layers`). Methods:
+quantizer (:func:`~.layers.weight_errors`; with a numeric ``k_w`` Scale-Clip's clip, the same at
+every width, is left out). Methods:
 
 * ``fisher`` (the default): one forward + backward per micro-batch of 8 samples (batches are
   split where their fields allow, :func:`split_batch`) scores every layer and bit width; the
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 
 from ..quant import QuantConfig
 from ..quant.distributed import reduce_, world_size
-from .layers import Layer, LossFn, count_macs, counted_layers, measuring, weight_error
+from .layers import Layer, LossFn, count_macs, counted_layers, measuring, weight_errors
 from .ties import residual_ties
 
 DEFAULT_METHOD = "fisher"
@@ -258,7 +259,7 @@ def measure_sensitivity(
     start = time.perf_counter()
     layers = counted_layers(model, config)
     with measuring(model, layers):
-        errors = {layer.name: {b: weight_error(layer, b) for b in bits} for layer in layers}
+        errors = {layer.name: weight_errors(layer, bits) for layer in layers}
         macs = count_macs(model, layers, loss_fn, batches[0])
         sums, count = METHODS[method](model, layers, errors, batches, loss_fn)
     # one collective: score sums, batch count and MACs (image sizes may differ between ranks)

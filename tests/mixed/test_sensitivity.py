@@ -63,21 +63,34 @@ def quantized_weight(net: nn.Module, config: QuantConfig, name: str, bits: int) 
         return layer.weight_quantizer(layer.weight)
 
 
+def weight_error(net: nn.Module, config: QuantConfig, name: str, bits: int) -> torch.Tensor:
+    """The scored error: ``Q_b(W)`` minus Scale-Clip's clip ``clamp(W, ±k_w·mean|W_g|)`` for a
+    numeric ``k_w`` (the same at every width), minus ``W`` itself with ``k_w: auto``."""
+    w = net.get_submodule(name).weight.detach()
+    if config.k_w == "auto":
+        return quantized_weight(net, config, name, bits) - w
+    t = config.k_w * w.reshape(config.groups, -1).abs().mean(1)
+    t = t.repeat_interleave(w.shape[0] // config.groups).reshape(-1, *[1] * (w.dim() - 1))
+    return quantized_weight(net, config, name, bits) - torch.maximum(torch.minimum(w, t), -t)
+
+
 def dataclass_replace(config: QuantConfig, **kw) -> QuantConfig:
     import dataclasses
 
     return dataclasses.replace(config, **kw)
 
 
-def test_mse_is_the_relative_error_of_the_methods_own_quantizer(setup) -> None:
+@pytest.mark.parametrize("k_w", [2.0, "auto"])
+def test_mse_is_the_relative_error_of_the_methods_own_quantizer(setup, k_w) -> None:
     net, config, batches = setup
+    config = dataclass_replace(config, k_w=k_w)
     report = measure_sensitivity(net, config, batches, loss_fn, bits=(2, 4), method="mse")
     assert report.layers == LAYERS and report.bits == (2, 4) and report.method == "mse"
     for name in LAYERS:
         w = net.get_submodule(name).weight.detach().double()
         for b in (2, 4):
-            err = quantized_weight(net, config, name, b).double() - w
-            assert report.scores[name][b] == pytest.approx(float(err.pow(2).sum() / w.pow(2).sum()), rel=1e-12)
+            err = weight_error(net, config, name, b).double()
+            assert report.scores[name][b] == pytest.approx(float(err.pow(2).sum() / w.pow(2).sum()), rel=1e-6)
     assert report.params == {"body.0": 576, "body.3": 1152, "mid": 256}
 
 
@@ -102,9 +115,8 @@ def _reference_fisher(net, config, batches, bits):
             loss = loss_fn(net, batch)
         grads = torch.autograd.grad(loss, [net.get_submodule(n).weight for n in LAYERS])
         for n, g in zip(LAYERS, grads):
-            w = net.get_submodule(n).weight.detach()
             for b in bits:
-                err = quantized_weight(net, config, n, b) - w
+                err = weight_error(net, config, n, b)
                 out[n][b] += float((g.double() * err.double()).sum()) ** 2 / len(batches)
     return out
 
@@ -142,7 +154,7 @@ def test_measured_is_the_loss_increase_of_one_layer_at_a_time(setup) -> None:
     for n in LAYERS:
         model = copy.deepcopy(ref)
         with torch.no_grad():
-            model.get_submodule(n).weight.copy_(quantized_weight(net, config, n, 2))
+            model.get_submodule(n).weight.add_(weight_error(net, config, n, 2))
         assert report.scores[n][2] == pytest.approx(mean_loss(model) - base, abs=1e-6)
 
 
