@@ -12,6 +12,7 @@ import argparse
 import copy
 import csv
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,7 @@ def run_bits(args: list[str]) -> None:
               f"budget {ns.budget}; method {ns.method}; {report.batches} training batches; seed {seed}; bits {list(bits)}",
               f"plan: {plan.summary()}"]
     files = write_outputs(Path(ns.out), Path(ns.config).stem, raw, entry, plan, header)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 200)  # a log file: no cut layer names
     console.print(plan.table())
     from rich.table import Table
 
