@@ -167,6 +167,7 @@ COMMANDS = {
                "segmentation: palette PNG masks)",
     "export": "turn a quantized checkpoint into integer weights + ONNX (gdrq export --ckpt CKPT --out DIR)",
     "data": "write a dataset an installed package provides (gdrq data NAME DIR; e.g. make-digits-coco)",
+    "bits": "plan weight bits per layer under a budget (gdrq bits --config FILE --budget avg_weight_bits=3 --out DIR)",
 }
 
 
@@ -175,7 +176,7 @@ def top_level_help() -> str:
     width = max(map(len, COMMANDS))
     lines = [f"  {name:<{width}}  {text}" for name, text in COMMANDS.items()]
     return "\n".join([
-        "usage: gdrq {fit,validate,test,predict,export,data} ...",
+        "usage: gdrq {fit,validate,test,predict,export,data,bits} ...",
         "",
         "Low-bit quantization-aware training of vision networks with PyTorch Lightning.",
         "",
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GDRQ_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
-    commands = {"export": run_export, "data": run_data}
+    commands = {"export": run_export, "data": run_data, "bits": lambda a: __import__("gdrq_lightning.mixed.command", fromlist=["run_bits"]).run_bits(a)}
     if not args or args[0] in ("-h", "--help"):
         print(top_level_help())
         sys.exit(0 if args else 2)

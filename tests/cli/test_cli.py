@@ -188,7 +188,7 @@ def test_top_level_help_lists_all_six_subcommands(capsys: pytest.CaptureFixture)
     assert run_main(["--help"]) == 0
     out = capsys.readouterr().out
     listed = [line.split()[0] for line in out.split("commands:\n")[1].splitlines() if line.startswith("  ")]
-    assert listed == ["fit", "validate", "test", "predict", "export", "data"]
+    assert listed == ["fit", "validate", "test", "predict", "export", "data", "bits"]
     assert "gdrq export --ckpt CKPT --out DIR" in out and "GDRQ_DEBUG=1" in out
     assert run_main([]) == 2 and "commands:" in capsys.readouterr().out
 
@@ -196,7 +196,7 @@ def test_top_level_help_lists_all_six_subcommands(capsys: pytest.CaptureFixture)
 def test_unknown_command_lists_the_six(capsys: pytest.CaptureFixture) -> None:
     assert run_main(["fitt", "--config", "x.yaml"]) == 2
     assert capsys.readouterr().err.strip() == (
-        "gdrq: error: unknown command 'fitt'; one of: fit, validate, test, predict, export, data (gdrq --help)")
+        "gdrq: error: unknown command 'fitt'; one of: fit, validate, test, predict, export, data, bits (gdrq --help)")
 
 
 def test_a_loader_worker_error_is_reported_in_one_line() -> None:
