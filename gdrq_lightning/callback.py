@@ -1,13 +1,8 @@
-"""``GDRQCallback``: swaps the layers at ``setup`` and orchestrates the phase schedule
-(docs/methods.md#schedule).
-
-Every target layer is swapped in ``setup``, even in the ``fp`` phase (quantizers present but
-off), so checkpoint keys never change between phases and the optimizer (built after ``setup``)
-sees every quantizer parameter. Phases only flip switches stored as buffers; the callback's
-own state is the list of phases that have run. The jobs it runs around the switches each live
-in a module of :mod:`gdrq_lightning.training` (calibration, BatchNorm re-estimation, guards)
-or :mod:`gdrq_lightning.quant.distributed` (DDP statistics).
-"""
+"""``GDRQCallback``: swaps every target layer at ``setup`` (also in the ``fp`` phase, so checkpoint
+keys never change and the optimizer sees every quantizer parameter) and orchestrates the phase
+schedule (docs/methods.md#schedule). Each job it runs lives in :mod:`gdrq_lightning.training`
+(phases, calibration, BatchNorm re-estimation, guards, deploy form, bit plans) or
+:mod:`gdrq_lightning.quant.distributed` (DDP statistics); its own state is the phases that have run."""
 from __future__ import annotations
 
 from typing import Any
@@ -17,12 +12,15 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from .mixed import BitPlan, apply_plan, with_plan
 from .quant import QuantConfig, calibrate_weights, quantize_model, quantized_layers
 from .quant.distributed import sync_statistics
 from .schedule import ALL_PHASES, Schedule
 from .task import quant_network, resolve_config
+from .training.bits import AutoBits, plan_and_apply
 from .training.deploy import begin_deploy, link_deploy
 from .training.guards import check_quantizers_finite, project_weights
+from .training.options import as_instance, check_counts, check_state
 from .training.phases import begin_due_phases, freeze, switch_off_all, switch_on
 
 STATE_VERSION = 1
@@ -47,6 +45,8 @@ class GDRQCallback(Callback):
             the quantized network when ``freeze_bn`` begins (0: freeze them as they are).
         k_w_every_n_steps: also recalibrate ``k_w: auto`` every N steps while Scale-Clip is on
             (None: only when a weight phase begins).
+        auto_bits: plan one weight bit width per layer when the first phase begins, under a budget
+            (:class:`~gdrq_lightning.training.bits.AutoBits`, e.g. ``{budget: {avg_weight_bits: 3}}``).
 
     Example:
         >>> cb = GDRQCallback(QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=4),
@@ -56,16 +56,16 @@ class GDRQCallback(Callback):
     def __init__(
         self, config: QuantConfig | None = None, schedule: Schedule | None = None, *, summary_metric: str | None = None,
         calib_batches: int = 16, bn_recalib_batches: int = 50, k_w_every_n_steps: int | None = None,
+        auto_bits: AutoBits | None = None,
     ) -> None:
         super().__init__()
-        self.config = _typed("config", QuantConfig, config)
-        self.schedule = _typed("schedule", Schedule, schedule)
-        for name, value, low in (("calib_batches", calib_batches, 0), ("bn_recalib_batches", bn_recalib_batches, 0),
-                                 ("k_w_every_n_steps", k_w_every_n_steps, 1)):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
-                raise ValueError(f"GDRQCallback({name}={value!r}) must be an integer >= {low}")
+        self.config = as_instance("GDRQCallback", "config", QuantConfig, config)
+        self.schedule = as_instance("GDRQCallback", "schedule", Schedule, schedule)
+        check_counts("GDRQCallback", calib_batches=(calib_batches, 0), bn_recalib_batches=(bn_recalib_batches, 0),
+                     k_w_every_n_steps=(k_w_every_n_steps, 1))
         self.summary_metric, self.calib_batches = summary_metric, calib_batches
         self.bn_recalib_batches, self.k_w_every_n_steps = bn_recalib_batches, k_w_every_n_steps
+        self.auto_bits, self.bit_plan = AutoBits.parse(auto_bits), None
         self.done: list[str] = []
         self.phase_metrics: dict[str, float] = {}
         self._module_class = ""
@@ -119,12 +119,19 @@ class GDRQCallback(Callback):
         project_weights(self._target)
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.auto_bits and self.bit_plan is None and self.schedule.due(trainer.current_epoch, trainer.global_step):
+            config = resolve_config(self.config, pl_module)
+            self._use_plan(plan_and_apply(trainer, pl_module, self._target, config, self.auto_bits))
         begin_due_phases(self.schedule, self.done, trainer, pl_module, self._target, calib_batches=self.calib_batches,
                          bn_recalib_batches=self.bn_recalib_batches, prepare={"deploy": self._deploy})
 
     def _deploy(self, trainer: pl.Trainer, pl_module: pl.LightningModule, network: nn.Module) -> None:
         begin_deploy(trainer, pl_module, network, self.calib_batches)
         self._linked = True
+
+    def _use_plan(self, plan: BitPlan) -> None:
+        """Keep the plan; the config a checkpoint stores then rebuilds the planned bits (export)."""
+        self.bit_plan, self.config = plan, with_plan(self.config, plan)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         value = trainer.callback_metrics.get(self.summary_metric) if self.summary_metric else None
@@ -138,22 +145,14 @@ class GDRQCallback(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "done": list(self.done), "phase_metrics": dict(self.phase_metrics),
-                "config": self.config.to_dict(), "module": self._module_class}
+                "config": self.config.to_dict(), "module": self._module_class,
+                "bit_plan": None if self.bit_plan is None else self.bit_plan.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        version = state_dict.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(f"GDRQCallback state version {version!r} is not supported (expected {STATE_VERSION})")
-        unknown = [p for p in state_dict["done"] if p not in ALL_PHASES]
-        if unknown:
-            raise ValueError(f"GDRQCallback checkpoint names unknown phases {unknown}")
+        check_state(state_dict, STATE_VERSION, ALL_PHASES)
         self.done = list(state_dict["done"])
         self.phase_metrics = dict(state_dict.get("phase_metrics", {}))
+        if state_dict.get("bit_plan") is not None:  # a resumed run keeps its planned bits (their state is loaded)
+            self._use_plan(BitPlan.from_dict(state_dict["bit_plan"]))
+            apply_plan(self._target, self.bit_plan, reinit=False)
 
-
-def _typed(name: str, cls: type, value: Any) -> Any:
-    """``value`` as ``cls`` (``None``: the default, a dict: its fields); anything else is a ``TypeError``."""
-    value = cls() if value is None else cls(**value) if isinstance(value, dict) else value
-    if not isinstance(value, cls):
-        raise TypeError(f"GDRQCallback({name}=...) needs a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
-    return value

@@ -204,3 +204,19 @@ def allocate(
     weight_bits = {n: u.choices[j] for u, j in zip(units, picks) for n in u.names}
     return BitPlan.from_report(report, {n: weight_bits[n] for n in report.layers}, budget={kind: float(value)},
                                solver=solver, pins=pins, ties=tie_groups)
+
+
+def parse_budget(text: str) -> dict[str, float]:
+    """``"avg_weight_bits=3"`` -> ``{"avg_weight_bits": 3.0}``.
+
+    Raises:
+        ValueError: not ``KIND=NUMBER`` with a known kind.
+    """
+    kind, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or kind not in BUDGETS or number is None or number <= 0:
+        raise ValueError(f"budget {text!r} must be KIND=NUMBER > 0 with KIND one of: {', '.join(BUDGETS)}")
+    return {kind: number}

@@ -20,28 +20,12 @@ import torch
 import yaml
 
 from ..task import QuantTask, quant_network, resolve_config
-from .allocate import BUDGETS, allocate
+from .allocate import BUDGETS, allocate, parse_budget
 from .apply import task_loss, with_plan
 from .plan import BitPlan
 from .sensitivity import DEFAULT_METHOD, METHODS, SensitivityReport, measure_sensitivity
 
 CALLBACK_NAMES = ("gdrq_lightning.GDRQCallback", "gdrq_lightning.callback.GDRQCallback")
-
-
-def parse_budget(text: str) -> dict[str, float]:
-    """``"avg_weight_bits=3"`` -> ``{"avg_weight_bits": 3.0}``.
-
-    Raises:
-        ValueError: not ``KIND=NUMBER`` with a known kind.
-    """
-    kind, sep, value = text.partition("=")
-    try:
-        number = float(value)
-    except ValueError:
-        number = None
-    if not sep or kind not in BUDGETS or number is None or number <= 0:
-        raise ValueError(f"--budget {text!r} must be KIND=NUMBER > 0 with KIND one of: {', '.join(BUDGETS)}")
-    return {kind: number}
 
 
 def parse_bits(text: str) -> tuple[int, ...]:

@@ -67,7 +67,7 @@ def test_state_dict_round_trips_through_a_weights_only_file(tmp_path: Path) -> N
     cb.done = ["scale_clip", "quant_weights"]
     cb.phase_metrics = {"fp": 0.5, "scale_clip": 0.75}
     state = cb.state_dict()
-    assert set(state) == {"version", "done", "phase_metrics", "config", "module"}
+    assert set(state) == {"version", "done", "phase_metrics", "config", "module", "bit_plan"}
     assert state["version"] == STATE_VERSION
     torch.save(state, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)  # plain values only: no enums, no dataclasses

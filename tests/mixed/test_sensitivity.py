@@ -265,7 +265,7 @@ def test_apply_plan_recalibrates_what_depends_on_bits() -> None:
     assert not bool(q.initialized)
     lsq(torch.randn(2, 3, 8, 8))
     w = lsq.get_submodule("body.0").weight.detach()
-    expected = torch.stack([2 * g.abs().mean() / 1.0 for g in w.reshape(q.groups, -1)])  # 2 bits: Q_p = 1
+    expected = torch.stack([2 * g.abs().mean() / 1.0 for g in w.reshape(q.quant_groups, -1)])  # 2 bits: Q_p = 1
     torch.testing.assert_close(q.step.detach(), expected)
     with pytest.raises(ValueError, match="'body.0'.*lsq"):
         apply_plan(lsq, BitPlan(weight_bits={"body.0": 1}, params={"body.0": 1}, macs={"body.0": 1}, act_bits={"body.0": 4}))
