@@ -13,48 +13,58 @@ import argparse
 import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
+from typing import Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
 
 from .interrupt import InterruptCheckpoint
 from .monitoring import QuantMonitor
 from .progress import LineProgressBar
+from .quiet import quiet_output, verbose_requested
+from .run_checkpoint import RunCheckpoint
+from .run_folder import RunConfigCallback, default_logger_config, plan_run_folder, where_written
+from .utils.run import RunFolder
 
 DATA_GROUP = "gdrq.data"  # entry points: name -> callable(out_dir, seed=...) returning what it wrote
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, KeyError, TypeError)
 
 
 class GDRQCLI(LightningCLI):
-    """LightningCLI with an always-present ``ModelCheckpoint`` (``--checkpoint.*``) that
-    keeps ``last.ckpt``, a :class:`QuantMonitor` (``--quant_monitor.*``; idle on a network
-    without quantized layers), an :class:`InterruptCheckpoint` (SIGINT/SIGTERM ->
-    ``interrupted.ckpt``), W&B offline as the default logger, Rich's progress bar on
-    terminals and one line per epoch (:class:`LineProgressBar`) when the output is a file."""
+    """LightningCLI with one folder per run (:mod:`gdrq_lightning.run_folder`), an
+    always-present :class:`RunCheckpoint` (``--checkpoint.*``: ``last.ckpt`` plus the best of the
+    final phase), a :class:`QuantMonitor` (``--quant_monitor.*``; idle on a network without
+    quantized layers), an :class:`InterruptCheckpoint` (SIGINT/SIGTERM -> ``interrupted.ckpt``),
+    W&B offline as the default logger, Rich's progress bar on terminals and one line per epoch
+    (:class:`LineProgressBar`) when the output is a file."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
         parser.add_lightning_class_args(QuantMonitor, "quant_monitor")
         parser.add_lightning_class_args(InterruptCheckpoint, "interrupt_checkpoint")
+        parser.add_argument("--out", type=Optional[str], default=None,
+                            help="the run folder (default: runs/<task>/<config name>/ for fit, the checkpoint's folder "
+                                 "for validate / test / predict, which write into its validate/, test/, predictions/)")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:  # type: ignore[override]
+        self.run_folder = plan_run_folder(str(self.subcommand), self.config[self.subcommand], self.config_init[self.subcommand])
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RunFolder(self.run_folder))
         if not sys.stdout.isatty():  # a log file: one line per epoch instead of a redrawn bar
             for i, cb in enumerate(trainer.callbacks):
                 if type(cb) in (RichProgressBar, TQDMProgressBar):
                     trainer.callbacks[i] = LineProgressBar()
         return trainer
 
-
-def default_logger() -> dict:
-    """W&B, offline unless the user set ``WANDB_MODE`` (no network is assumed)."""
-    mode = os.environ.get("WANDB_MODE", "offline")
-    return {
-        "class_path": "pytorch_lightning.loggers.WandbLogger",
-        "init_args": {"project": "gdrq-lightning", "save_dir": "runs", "offline": mode in ("offline", "disabled")},
-    }
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit":
+            rank_zero_info(f"[gdrq] run folder: {self.run_folder}")
+        super()._run_subcommand(subcommand)
+        if subcommand != "fit" and self.trainer.is_global_zero:
+            print(where_written(self.trainer, subcommand, self.run_folder), flush=True)
 
 
 def check_ckpt_path(args: list[str]) -> None:
@@ -75,7 +85,8 @@ def run_lightning(args: list[str]) -> None:
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"logger": default_logger(), "default_root_dir": "runs"},
+        trainer_defaults={"logger": default_logger_config()},
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},  # config errors reach main() as exceptions: one line each
         auto_configure_optimizers=False,
@@ -219,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GDRQ_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
+    verbose, args = verbose_requested(args)
     commands = {"export": run_export, "data": run_data}
     if not args or args[0] in ("-h", "--help"):
         print(top_level_help())
@@ -227,10 +239,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gdrq: error: unknown command {args[0]!r}; one of: {', '.join(COMMANDS)} (gdrq --help)", file=sys.stderr)
         sys.exit(2)
     try:
-        if args and args[0] in commands:
-            commands[args[0]](args[1:])
-        else:
-            run_lightning(args)
+        with quiet_output(verbose):
+            if args and args[0] in commands:
+                commands[args[0]](args[1:])
+            else:
+                run_lightning(args)
     except (*USER_ERRORS, argparse.ArgumentError) as e:
         if debug:
             raise
