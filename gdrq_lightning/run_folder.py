@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from pytorch_lightning.cli import SaveConfigCallback
-from pytorch_lightning.loggers import CSVLogger, WandbLogger
+from pytorch_lightning.loggers import WandbLogger
 
 from .utils.run import run_dir
 
@@ -113,10 +113,10 @@ KEEP = object()  # run_logger's answer for "leave the configured logger as it is
 
 
 def run_logger(command: str, configured: Any, folder: Path, name: str) -> Any:
-    """The logger to use instead of one configured logger, or :data:`KEEP`: the untouched default
-    becomes W&B in the run folder, named after the config, for ``fit``, a CSV logger in
-    ``test/`` / ``validate/`` and none for ``predict``; another W&B logger without ``save_dir``
-    writes into the command's output folder; every other logger stays as given.
+    """The logger to use instead of one configured logger, or :data:`KEEP`. A W&B logger without
+    ``save_dir`` (the default one) writes into the command's output folder, with the config's
+    name as the run name (``<name>-test`` for ``test``); ``predict``, which logs nothing, gets
+    none. Every other logger stays as given.
 
     Args:
         configured: one parsed ``trainer.logger`` entry (a dict / namespace with ``class_path``, or a bool).
@@ -127,12 +127,10 @@ def run_logger(command: str, configured: Any, folder: Path, name: str) -> Any:
     init_args = dict(as_dict.get("init_args") or {})
     if init_args.get("save_dir") is not None:
         return KEEP
-    if as_dict == default_logger_config() and command != "fit":
-        if command == "predict":
-            return False
-        return CSVLogger(save_dir=str(folder), name=OUTPUT_SUBDIR[command], version="")
-    out = output_dir(folder, command)
-    return wandb_logger(**{**init_args, "save_dir": str(out), "name": init_args.get("name") or name})
+    if command == "predict":
+        return False
+    run_name = init_args.get("name") or (name if command == "fit" else f"{name}-{command}")
+    return wandb_logger(**{**init_args, "save_dir": str(output_dir(folder, command)), "name": run_name})
 
 
 class RunConfigCallback(SaveConfigCallback):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -13,6 +14,7 @@ from tasks.hub import is_named
 from tasks.weights import load_weights, resolve
 
 from .models import build_classifier
+from .predictions import ClassPredictionWriter
 
 
 class ClassificationModule(TaskModule):
@@ -63,6 +65,9 @@ class ClassificationModule(TaskModule):
         h = self.hparams
         if h.pretrained:
             load_weights(self.model, resolve(h.pretrained, h.model), target=h.model, skip_mismatched=True)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [ClassPredictionWriter()]  # acts in `predict` only: predictions/classes.csv
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)
