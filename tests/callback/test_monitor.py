@@ -53,7 +53,7 @@ def test_layer_statistics_phases_and_plots_reach_a_csv_logger(tmp_path: Path, ma
     assert 0.0 <= float(last["quant/3/w_clipped_frac"]) <= 1.0 and 0.0 <= float(last["quant/5/a_clipped_frac"]) <= 1.0
     assert float(last["quant/5/a_threshold"]) > 0
     plots = sorted(p.name for p in (Path(logger.log_dir) / "quant_plots").iterdir())
-    assert plots == ["quant_acts_3.png", "quant_weights_3.png", "scale_clip_3.png"]
+    assert plots == ["quant_acts_5.png", "quant_weights_3.png", "scale_clip_3.png"]  # quant_acts: the activation after layer 3
     assert all((Path(logger.log_dir) / "quant_plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 
