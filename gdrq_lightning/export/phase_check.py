@@ -25,8 +25,8 @@ def export_phase_warning(gdrq_state: dict[str, Any] | None) -> str | None:
             callback state) and ``method: none`` (a float reference) give no warning.
 
     Example:
-        >>> export_phase_warning({"done": ["scale_clip"], "config": {"method": "gdrq"}})[:62]
-        "gdrq export: warning: the checkpoint is in phase 'scale_clip' ("
+        >>> export_phase_warning({"done": ["scale_clip"], "config": {"method": "gdrq"}})[:61]
+        "gdrq export: warning: the checkpoint is in phase 'scale_clip'"
     """
     if not gdrq_state:
         return None
