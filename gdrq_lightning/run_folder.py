@@ -43,8 +43,8 @@ def task_and_name(config_paths: Sequence[str | os.PathLike], model_class: str | 
     path = Path(os.fspath(config_paths[-1]))
     if path.name == "config.yaml" and path.parent.name:  # re-running a run folder's resolved config
         return path.parent.parent.name or from_class, _VERSION.sub("", path.parent.name)
-    parent = path.parent
-    task = parent.resolve().name if str(parent) not in ("", ".") else from_class
+    parent = path.resolve().parent
+    task = parent.name if parent != Path.cwd().resolve() else from_class
     return task or from_class, path.stem
 
 
