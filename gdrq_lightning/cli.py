@@ -25,7 +25,7 @@ from .monitoring import QuantMonitor
 from .progress import LineProgressBar
 from .quiet import quiet_output, verbose_requested
 from .run_checkpoint import RunCheckpoint
-from .run_folder import RunConfigCallback, default_logger_config, plan_run_folder, where_written
+from .run_folder import RunConfigCallback, default_logger_config, finish_wandb, plan_run_folder, where_written
 from .utils.run import RunFolder
 
 DATA_GROUP = "gdrq.data"  # entry points: name -> callable(out_dir, seed=...) returning what it wrote
@@ -63,6 +63,7 @@ class GDRQCLI(LightningCLI):
         if subcommand == "fit":
             rank_zero_info(f"[gdrq] run folder: {self.run_folder}")
         super()._run_subcommand(subcommand)
+        finish_wandb(self.trainer)
         if subcommand != "fit" and self.trainer.is_global_zero:
             print(where_written(self.trainer, subcommand, self.run_folder), flush=True)
 

@@ -36,6 +36,7 @@ class RunCheckpoint(ModelCheckpoint):
     Takes ``ModelCheckpoint``'s arguments."""
 
     best_phase: str | None = None
+    _last_written_step: int = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         schedule = _schedule(trainer)
@@ -65,9 +66,27 @@ class RunCheckpoint(ModelCheckpoint):
         self.best_model_score = None
         self.kth_value = torch.tensor(torch.inf if self.mode == "min" else -torch.inf)
 
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._ensure_last(trainer)
+
+    def _ensure_last(self, trainer: pl.Trainer) -> None:
+        """``last.ckpt`` at every save point: Lightning (>= 2.5) writes it only at steps where a
+        top-k file was saved, which leaves an epoch that did not improve without its state."""
+        if (self.save_last and not trainer.fast_dev_run and trainer.state.fn == "fit" and not trainer.sanity_checking
+                and self._last_written_step != trainer.global_step):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         if not self.save_last:
             return
+        self._last_written_step = trainer.global_step
         path = self.format_checkpoint_name(monitor_candidates, self.CHECKPOINT_NAME_LAST)
         written_now = self._last_checkpoint_saved if self._last_global_step_saved == trainer.global_step else ""
         self.last_model_path = path

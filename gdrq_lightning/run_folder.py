@@ -191,3 +191,12 @@ def where_written(trainer: Any, command: str, folder: str | os.PathLike) -> str:
     names = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
     listed = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
     return f"[gdrq] {command} output in {out}/ ({listed})"
+
+
+def finish_wandb(trainer: Any) -> None:
+    """End the command's W&B run when the command ends (not at interpreter exit): its closing
+    lines then come before the command's last line, and a next command in the same process
+    (a notebook, a test) starts a run of its own instead of reusing this one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+            logger.experiment.finish()
