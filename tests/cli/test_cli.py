@@ -30,13 +30,15 @@ TINY_RUN = [
 ]
 
 
-def gdrq(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run the installed console script (or the module, where the script is not on PATH)."""
+def gdrq(args: list[str], cwd: Path, quiet_env: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed console script (or the module, where the script is not on PATH);
+    ``quiet_env=False`` leaves W&B and Python warnings as a user's shell has them."""
     exe = shutil.which("gdrq")
     cmd = [exe] if exe else [sys.executable, "-m", "gdrq_lightning.cli"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "GDRQ_"))}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(cwd), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
-               PYTHONPATH=str(REPO))  # this checkout's code, also where the package is installed from elsewhere
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "GDRQ_", "PYTHONWARNINGS"))}
+    env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # this checkout's code
+    if quiet_env:
+        env.update(WANDB_SILENT="true", WANDB_DIR=str(cwd), PYTHONWARNINGS="ignore")
     return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -145,14 +147,18 @@ def test_quant_monitor_is_present_by_default(tmp_path: Path, monkeypatch, quanti
 
 # -- the console script ------------------------------------------------------------------------
 def test_gdrq_fit_digits_end_to_end(tmp_path: Path) -> None:
-    i = TINY_RUN.index("--trainer.enable_progress_bar")
-    with_bar = TINY_RUN[:i] + TINY_RUN[i + 2:]
-    proc = gdrq(["fit", "--config", DIGITS_GDRQ, *with_bar], tmp_path)
+    i = TINY_RUN.index("--trainer.logger")
+    with_wandb_and_bar = TINY_RUN[:i] + TINY_RUN[i + 4:]  # the default W&B logger (offline) and progress bar
+    proc = gdrq(["fit", "--config", DIGITS_GDRQ, *with_wandb_and_bar], tmp_path, quiet_env=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # stdout is a pipe, not a terminal: one readable line per epoch instead of a redrawn bar
     epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("[epoch ")]
     assert len(epoch_lines) == 1 and epoch_lines[0].startswith("[epoch 1/1] 2 steps, "), proc.stdout[-2000:]
     assert "| val/acc1 " in epoch_lines[0] and "\r" not in proc.stdout
+    # quiet: no W&B lines (nor its colour codes), at most 2 warnings (this tiny run: log_every_n_steps > its 2 steps)
+    both = proc.stdout + proc.stderr
+    assert "wandb:" not in both and "\x1b[" not in both, both[-3000:]
+    assert len([ln for ln in both.splitlines() if "warn" in ln.lower()]) <= 2, both[-3000:]
     assert "[gdrq] quantized 36 layers (gdrq W4A4)" in proc.stderr
     assert proc.stderr.splitlines()[-1].startswith("[gdrq] val/acc1 at the end of each phase -> fp: ")  # the last line
     run = tmp_path / "runs" / "classification" / "digits_gdrq_w4a4"
