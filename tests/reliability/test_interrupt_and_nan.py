@@ -127,6 +127,7 @@ def test_interrupt_under_ddp_saves_on_rank_zero_without_a_barrier(tmp_path, monk
             global_step=8, strategy=SimpleNamespace(checkpoint_io=io, barrier=barrier),
             save_checkpoint=lambda *a, **k: barrier(),
             _checkpoint_connector=SimpleNamespace(dump_checkpoint=lambda: {"epoch": 1}),
+            callbacks=[], logger=None, default_root_dir=str(tmp_path),  # the run folder of the resume hint
         )
 
     cb = InterruptCheckpoint(dirpath=str(tmp_path))
