@@ -104,7 +104,8 @@ class QuantMonitor(Callback):
         self._phases_seen = 0
         self._probe: Any = None
         self._act_stats: dict[str, dict[str, float]] = {}
-        self._capture: tuple[str, str, nn.Module, dict[str, Tensor], Any] | None = None
+        self._capture: tuple[str, str, nn.Module, dict[str, Any], Any] | None = None
+        self._batch_step = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._target = quant_network(pl_module)
@@ -114,6 +115,7 @@ class QuantMonitor(Callback):
         self._phases_seen = len(self._schedule.done) if self._schedule else 0  # a resumed run's phases are not new
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_step = trainer.global_step
         self._plot_new_phases(trainer)
         if self._should_log(trainer):
             self._probe = activation_probe(self._target)
@@ -196,11 +198,11 @@ class QuantMonitor(Callback):
         if found is None or not trainer.is_global_zero or self._capture is not None:
             return
         name, layer = found
-        store: dict[str, Tensor] = {}
+        store: dict[str, Any] = {}
 
         def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
             if not store:
-                store["input"], store["output"] = args[0].detach(), out.detach()
+                store.update(input=args[0].detach(), output=out.detach(), step=self._batch_step)
 
         self._capture = (tag, name, layer, store, layer.register_forward_hook(hook))
 
@@ -217,7 +219,7 @@ class QuantMonitor(Callback):
         log_histograms(trainer, {f"hist/{name}/act_raw": raw, f"hist/{name}/act_used": used}, trainer.global_step)
         path = os.path.join(run_dir(trainer), "quant_plots", f"{tag}_{name.replace('.', '_')}.png")
         save_distribution_plot(
-            path, f"{name} activation: phase '{tag}', epoch {trainer.current_epoch} step {trainer.global_step}\n"
+            path, f"{name} activation: phase '{tag}', epoch {trainer.current_epoch} step {store['step']}\n"
                   f"{clip_note(clip, clipped, 'values')}",
             {"float activation": raw, "as used in forward": used, "clip threshold T": threshold_lines(clip, signed=False)},
         )
