@@ -27,7 +27,7 @@ RUNS_ROOT = "runs"
 WANDB_PROJECT = "gdrq-lightning"
 # what each command writes into, inside the run folder ("" = the folder itself)
 OUTPUT_SUBDIR = {"fit": "", "validate": "validate", "test": "test", "predict": "predictions", "export": "export"}
-SPECIAL_CKPT_PATHS = ("last", "best", "hpc", "registry", "null")
+KEYWORD_CKPT_PATHS = ("last", "best", "hpc", "registry", "null")
 RUN_FOLDER_ENV = "GDRQ_RUN_FOLDER"  # rank 0's folder, for the ranks Lightning launches as child processes
 _VERSION = re.compile(r"_version_\d+$")
 
@@ -73,7 +73,7 @@ def resolve_run_folder(*, config_paths: Sequence[str | os.PathLike], model_class
         return Path(out)
     if default_root_dir:
         return Path(default_root_dir)
-    if ckpt_path and ckpt_path not in SPECIAL_CKPT_PATHS:
+    if ckpt_path and ckpt_path not in KEYWORD_CKPT_PATHS:
         return Path(ckpt_path).parent
     task, name = task_and_name(config_paths, model_class)
     return fresh_folder(Path(root) / task / name)
