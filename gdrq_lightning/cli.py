@@ -163,8 +163,8 @@ COMMANDS = {
     "fit": "train a model from a config (gdrq fit --config configs/classification/digits_gdrq_w4a4.yaml)",
     "validate": "score a checkpoint on the validation split (--config FILE --ckpt_path CKPT)",
     "test": "score a checkpoint on the test split (--config FILE --ckpt_path CKPT)",
-    "predict": "run a checkpoint on the predict split (detection: COCO results json + drawn boxes; "
-               "segmentation: palette PNG masks)",
+    "predict": "run a checkpoint on the predict split (classification: classes.csv; detection: COCO results json "
+               "+ drawn boxes; segmentation: palette PNG masks)",
     "export": "turn a quantized checkpoint into integer weights + ONNX (gdrq export --ckpt CKPT --out DIR)",
     "data": "write a dataset an installed package provides (gdrq data NAME DIR; e.g. make-digits-coco)",
 }
