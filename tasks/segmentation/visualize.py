@@ -28,11 +28,12 @@ def denormalize(image: Tensor, mean: Sequence[float], std: Sequence[float]) -> n
 
 
 def legend_entries(masks: Sequence[Tensor], class_names: Sequence[str] | None) -> list[tuple[str, np.ndarray]]:
-    """``(name, rgb 0..1)`` of every class index present in ``masks`` (ignore pixels left out)."""
-    present = sorted({int(v) for m in masks for v in np.unique(np.asarray(m.cpu())) if int(v) != 255})
+    """``(name, rgb 0..1)`` of every class index present in ``masks``, then the ignore index if present."""
+    values = {int(v) for m in masks for v in np.unique(np.asarray(m.cpu()))}
     palette = voc_palette()
     names = list(class_names or [])
-    return [(names[c] if c < len(names) else f"class {c}", palette[c & 0xFF] / 255.0) for c in present]
+    entries = [(names[c] if c < len(names) else f"class {c}", palette[c & 0xFF] / 255.0) for c in sorted(values - {255})]
+    return entries + ([("not scored (255)", palette[255] / 255.0)] if 255 in values else [])
 
 
 def save_prediction_grid(images: Tensor, targets: Tensor, preds: Tensor, path: str | Path, *,
