@@ -144,7 +144,7 @@ class RunConfigCallback(SaveConfigCallback):
     def save_config(self, trainer: Any, pl_module: Any, stage: str) -> None:
         folder = output_dir(run_dir(trainer), stage)
         path = folder / "config.yaml"
-        if stage == "fit" and trainer.ckpt_path and path.exists():
+        if stage == "fit" and self.config.get("ckpt_path") and path.exists():  # a resume (trainer.ckpt_path: not yet)
             path = folder / "config_resume.yaml"
         folder.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=self.multifile)

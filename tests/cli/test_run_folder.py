@@ -251,3 +251,17 @@ def test_verbose_keeps_lightnings_notices(tmp_path: Path, monkeypatch, capsys, l
     lines.lines.clear()
     gdrq(["fit", "--config", DIGITS_GDRQ, *TINY, "--trainer.logger", "false", "--trainer.max_epochs", "0"])
     assert not any("GPU available:" in ln for ln in lines.lines)
+
+
+def test_a_resumed_fit_continues_in_its_folder(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    quick = [*TINY, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false"]
+    gdrq(["fit", "--config", DIGITS_GDRQ, *quick])
+    run = Path("runs/classification/digits_gdrq_w4a4")
+    first = (run / "config.yaml").read_bytes()
+    gdrq(["fit", "--config", str(run / "config.yaml"), "--ckpt_path", str(run / "last.ckpt"), "--trainer.max_epochs", "2"])
+    assert sorted(p.name for p in Path("runs/classification").iterdir()) == ["digits_gdrq_w4a4"]  # no _version_1
+    assert (run / "config.yaml").read_bytes() == first
+    assert yaml.safe_load((run / "config_resume.yaml").read_text())["ckpt_path"] == str(run / "last.ckpt")
+    assert torch.load(run / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 1
+    assert identical_files(run) == []
