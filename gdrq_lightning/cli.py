@@ -182,7 +182,7 @@ def top_level_help() -> str:
         "commands:", *lines,
         "",
         "'gdrq COMMAND --help' shows a command's options. Errors end in one line (exit code 2);",
-        "set GDRQ_DEBUG=1 or pass --debug for the traceback.",
+        "set GDRQ_DEBUG=1 or pass --debug for the traceback; --verbose shows the third-party notices gdrq hides.",
     ])
 
 
@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("GDRQ_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
     verbose, args = verbose_requested(args)
+    if argv is None:
+        sys.argv[1:] = args  # without gdrq's own flags: LightningCLI then reads sys.argv, as it expects
     commands = {"export": run_export, "data": run_data}
     if not args or args[0] in ("-h", "--help"):
         print(top_level_help())
