@@ -62,7 +62,8 @@ def save_prediction_grid(images: Tensor, targets: Tensor, preds: Tensor, path: s
     fig.tight_layout(rect=(0, 0.6 / (2.6 * n + 0.6), 1, 1))
     if entries:
         handles = [Patch(facecolor=rgb, edgecolor="black", linewidth=0.5, label=name) for name, rgb in entries]
-        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=9, frameon=False)
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7), fontsize=8, frameon=False,
+                   handlelength=1.2, columnspacing=1.0)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=80)
