@@ -13,48 +13,59 @@ import argparse
 import os
 import sys
 from importlib.metadata import EntryPoint, entry_points
+from typing import Optional
 
 import pytorch_lightning as pl
-from pytorch_lightning.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
+from pytorch_lightning.callbacks import RichProgressBar, TQDMProgressBar
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.utilities import rank_zero_info
 
 from .interrupt import InterruptCheckpoint
 from .monitoring import QuantMonitor
 from .progress import LineProgressBar
+from .quiet import quiet_output, verbose_requested
+from .run_checkpoint import RunCheckpoint
+from .run_folder import RunConfigCallback, default_logger_config, finish_wandb, plan_run_folder, where_written
+from .utils.run import RunFolder
 
 DATA_GROUP = "gdrq.data"  # entry points: name -> callable(out_dir, seed=...) returning what it wrote
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, FloatingPointError, KeyError, TypeError)
 
 
 class GDRQCLI(LightningCLI):
-    """LightningCLI with an always-present ``ModelCheckpoint`` (``--checkpoint.*``) that
-    keeps ``last.ckpt``, a :class:`QuantMonitor` (``--quant_monitor.*``; idle on a network
-    without quantized layers), an :class:`InterruptCheckpoint` (SIGINT/SIGTERM ->
-    ``interrupted.ckpt``), W&B offline as the default logger, Rich's progress bar on
-    terminals and one line per epoch (:class:`LineProgressBar`) when the output is a file."""
+    """LightningCLI with one folder per run (:mod:`gdrq_lightning.run_folder`), an
+    always-present :class:`RunCheckpoint` (``--checkpoint.*``: ``last.ckpt`` plus the best of the
+    final phase), a :class:`QuantMonitor` (``--quant_monitor.*``; idle on a network without
+    quantized layers), an :class:`InterruptCheckpoint` (SIGINT/SIGTERM -> ``interrupted.ckpt``),
+    W&B offline as the default logger, Rich's progress bar on terminals and one line per epoch
+    (:class:`LineProgressBar`) when the output is a file."""
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults({"checkpoint.save_last": True})
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
+        parser.set_defaults({"checkpoint.save_last": True, "checkpoint.filename": "best-{epoch}-{step}"})
         parser.add_lightning_class_args(QuantMonitor, "quant_monitor")
         parser.add_lightning_class_args(InterruptCheckpoint, "interrupt_checkpoint")
+        parser.add_argument("--out", type=Optional[str], default=None,
+                            help="the run folder (default: runs/<task>/<config name>/ for fit, the checkpoint's folder "
+                                 "for validate / test / predict, which write into its validate/, test/, predictions/)")
 
     def instantiate_trainer(self, **kwargs) -> pl.Trainer:  # type: ignore[override]
+        self.run_folder = plan_run_folder(str(self.subcommand), self.config[self.subcommand], self.config_init[self.subcommand])
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RunFolder(self.run_folder))
         if not sys.stdout.isatty():  # a log file: one line per epoch instead of a redrawn bar
             for i, cb in enumerate(trainer.callbacks):
                 if type(cb) in (RichProgressBar, TQDMProgressBar):
                     trainer.callbacks[i] = LineProgressBar()
         return trainer
 
-
-def default_logger() -> dict:
-    """W&B, offline unless the user set ``WANDB_MODE`` (no network is assumed)."""
-    mode = os.environ.get("WANDB_MODE", "offline")
-    return {
-        "class_path": "pytorch_lightning.loggers.WandbLogger",
-        "init_args": {"project": "gdrq-lightning", "save_dir": "runs", "offline": mode in ("offline", "disabled")},
-    }
+    def _run_subcommand(self, subcommand: str) -> None:
+        if subcommand == "fit":
+            rank_zero_info(f"[gdrq] run folder: {self.run_folder}")
+        super()._run_subcommand(subcommand)
+        finish_wandb(self.trainer)
+        if subcommand != "fit" and self.trainer.is_global_zero:
+            print(where_written(self.trainer, subcommand, self.run_folder), flush=True)
 
 
 def check_ckpt_path(args: list[str]) -> None:
@@ -75,7 +86,8 @@ def run_lightning(args: list[str]) -> None:
         pl.LightningDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        trainer_defaults={"logger": default_logger(), "default_root_dir": "runs"},
+        trainer_defaults={"logger": default_logger_config()},
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"exit_on_error": False},  # config errors reach main() as exceptions: one line each
         auto_configure_optimizers=False,
@@ -87,13 +99,13 @@ def run_export(args: list[str]) -> None:
     parser = argparse.ArgumentParser(
         prog="gdrq export", description="Export a gdrq checkpoint: integer weights, ONNX and a JSON report.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example:\n  gdrq export --ckpt runs/gdrq-lightning/RUN_ID/checkpoints/last.ckpt --out export/ "
-               "--data-config configs/classification/digits_gdrq_w4a4.yaml\n"
+        epilog="example:\n  gdrq export --ckpt runs/classification/digits_gdrq_w4a4/last.ckpt --validate   "
+               "# writes runs/classification/digits_gdrq_w4a4/export/\n"
                "  gdrq export --ckpt runs/detection/digits_coco_gdrq_w4a4/last.ckpt --out export_det/ "
                "--input-shape 3 96 96 --data-config configs/detection/digits_coco_gdrq_w4a4.yaml\n"
-               "  gdrq export --ckpt runs/.../last.ckpt --out export/ --validate   # ORT vs PyTorch on the run's val split")
+               "  gdrq export --ckpt runs/.../last.ckpt --out export/ --data-config configs/classification/digits_gdrq_w4a4.yaml")
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by a gdrq run (e.g. runs/.../last.ckpt)")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", default=None, help="output directory (default: export/ in the checkpoint's run folder)")
     parser.add_argument("--input-shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
                         help="example input shape (default: 3 32 32); the batch and, where the network allows, the "
                              "image size stay dynamic in the ONNX file")
@@ -120,27 +132,39 @@ def run_export(args: list[str]) -> None:
 
     import torch
 
-    from .checkpoint import load_datamodule, load_quantized_module
+    from .checkpoint import gdrq_state, load_checkpoint, load_datamodule, load_quantized_module
     from .export import export_model
     from .export.accuracy import calibration_inputs, compare_predictions, datamodule_from_config
-    from .export.validate import format_validation, validate_onnx
+    from .export.phase_check import export_phase_warning
+    from .export.summary import format_export_summary
+    from .export.validate import validate_onnx
+    from .run_folder import export_dir
     from .task import export_metric, export_network
 
+    warning = export_phase_warning(gdrq_state(load_checkpoint(ns.ckpt), ns.ckpt))
+    if warning:
+        print(warning, file=sys.stderr)
+    out = ns.out or str(export_dir(ns.ckpt))
     module = load_quantized_module(ns.ckpt)
     network = export_network(module)
     datamodule = datamodule_from_config(ns.data_config) if ns.data_config else load_datamodule(ns.ckpt) if ns.validate else None
     calibration = calibration_inputs(datamodule, ns.calibration_batches) if datamodule is not None else None
-    report = export_model(network, torch.zeros(1, *ns.input_shape), ns.out, weight_format=ns.onnx_weights,
+    report = export_model(network, torch.zeros(1, *ns.input_shape), out, weight_format=ns.onnx_weights,
                           calibration=calibration, float_outputs=ns.float_outputs)
     if ns.validate:  # the task's metric and the agreement: what --data-config alone compares, and more
         report["validation"] = validate_onnx(network, report["files"]["onnx"], datamodule, export_metric(module, datamodule))
-        print(format_validation(report["validation"]), file=sys.stderr)
     elif datamodule is not None:
         report["val_accuracy"] = compare_predictions(network, report["files"]["onnx"], datamodule)
     if datamodule is not None:
         with open(report["files"]["report"], "w") as f:
             json.dump(report, f, indent=2)
-    print(json.dumps({k: v for k, v in report.items() if k != "layers"}, indent=2))
+    print(format_export_summary(report))
+
+
+def run_bits(args: list[str]) -> None:
+    from .mixed.command import run_bits as plan  # SciPy and the sensitivity code load for this command only
+
+    plan(args)
 
 
 def data_commands() -> dict[str, EntryPoint]:
@@ -163,8 +187,8 @@ COMMANDS = {
     "fit": "train a model from a config (gdrq fit --config configs/classification/digits_gdrq_w4a4.yaml)",
     "validate": "score a checkpoint on the validation split (--config FILE --ckpt_path CKPT)",
     "test": "score a checkpoint on the test split (--config FILE --ckpt_path CKPT)",
-    "predict": "run a checkpoint on the predict split (detection: COCO results json + drawn boxes; "
-               "segmentation: palette PNG masks)",
+    "predict": "run a checkpoint on the predict split (classification: classes.csv; detection: COCO results json "
+               "+ drawn boxes; segmentation: palette PNG masks)",
     "export": "turn a quantized checkpoint into integer weights + ONNX (gdrq export --ckpt CKPT --out DIR)",
     "data": "write a dataset an installed package provides (gdrq data NAME DIR; e.g. make-digits-coco)",
     "bits": "plan weight bits per layer under a budget (gdrq bits --config FILE --budget avg_weight_bits=3 --out DIR)",
@@ -183,7 +207,7 @@ def top_level_help() -> str:
         "commands:", *lines,
         "",
         "'gdrq COMMAND --help' shows a command's options. Errors end in one line (exit code 2);",
-        "set GDRQ_DEBUG=1 or pass --debug for the traceback.",
+        "set GDRQ_DEBUG=1 or pass --debug for the traceback; --verbose shows the third-party notices gdrq hides.",
     ])
 
 
@@ -232,7 +256,10 @@ def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("GDRQ_DEBUG", "") not in ("", "0") or "--debug" in args
     args = [a for a in args if a != "--debug"]
-    commands = {"export": run_export, "data": run_data, "bits": lambda a: __import__("gdrq_lightning.mixed.command", fromlist=["run_bits"]).run_bits(a)}
+    verbose, args = verbose_requested(args)
+    if argv is None:
+        sys.argv[1:] = args  # without gdrq's own flags: LightningCLI then reads sys.argv, as it expects
+    commands = {"export": run_export, "data": run_data, "bits": run_bits}
     if not args or args[0] in ("-h", "--help"):
         print(top_level_help())
         sys.exit(0 if args else 2)
@@ -240,10 +267,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"gdrq: error: unknown command {args[0]!r}; one of: {', '.join(COMMANDS)} (gdrq --help)", file=sys.stderr)
         sys.exit(2)
     try:
-        if args and args[0] in commands:
-            commands[args[0]](args[1:])
-        else:
-            run_lightning(args)
+        with quiet_output(verbose):
+            if args and args[0] in commands:
+                commands[args[0]](args[1:])
+            else:
+                run_lightning(args)
     except (*USER_ERRORS, argparse.ArgumentError) as e:
         if debug:
             raise

@@ -12,6 +12,7 @@ that node waiting for ranks that never enter the barrier.
 from __future__ import annotations
 
 import os
+import shlex
 from typing import Any
 
 import pytorch_lightning as pl
@@ -52,10 +53,23 @@ class InterruptCheckpoint(Checkpoint):
             return
         path = self.checkpoint_path(trainer)
         trainer.strategy.checkpoint_io.save_checkpoint(trainer._checkpoint_connector.dump_checkpoint(), path)
-        rank_zero_info(
-            f"[gdrq] interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}; "
-            f"resume with `gdrq fit --config ... --ckpt_path {path}`"
-        )
+        rank_zero_info(f"[gdrq] interrupted at epoch {trainer.current_epoch}, step {trainer.global_step}: saved {path}; "
+                       f"{resume_hint(trainer, path)}")
 
     def state_dict(self) -> dict[str, Any]:
         return {"dirpath": self.dirpath, "filename": self.filename}
+
+
+def resume_hint(trainer: pl.Trainer, ckpt_path: str) -> str:
+    """A command that can be pasted: the run's own resolved ``config.yaml`` (``gdrq fit`` saves it
+    in the run folder) with this checkpoint; without one, the ``ckpt_path`` to pass to ``fit``."""
+    config = os.path.join(run_dir(trainer), "config.yaml")
+    if os.path.isfile(config):
+        return f"resume with: gdrq fit --config {_short(config)} --ckpt_path {_short(ckpt_path)}"
+    return f"resume with ckpt_path={ckpt_path!r} (Trainer.fit) or --ckpt_path on the command line"
+
+
+def _short(path: str) -> str:
+    """``path`` relative to the working directory when it lies below it, shell-quoted."""
+    rel = os.path.relpath(path)
+    return shlex.quote(path if rel.startswith("..") else rel)

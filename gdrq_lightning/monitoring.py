@@ -1,11 +1,14 @@
 """What a quantization user watches: :class:`QuantMonitor` and the logging helpers it uses.
 
 Per quantized layer, every ``log_every_n_steps``: the clip threshold in use, the
-fraction of values it clips and the weight quantization error; at each phase change of
-the :class:`~gdrq_lightning.GDRQCallback` schedule, histograms of one layer's raw and
-as-used weights and a PNG of the same. Everything goes through the trainer's loggers
-(W&B, TensorBoard, CSV) so it lands wherever the run is tracked; plots are also saved in
-``<run dir>/quant_plots/``. The monitor only reads: removing it changes no training.
+fraction of values it clips and the weight quantization error. At each phase change of
+the :class:`~gdrq_lightning.GDRQCallback` schedule, what that phase changes, raw and as
+used: one layer's weights when ``scale_clip``, ``quant_weights`` or ``groups`` begins, the
+input of the activation after it during the next training batch when ``quant_acts``
+begins (logger histograms and a PNG with the threshold and the share it clips).
+Everything goes through the trainer's loggers (W&B, TensorBoard, CSV) so it lands
+wherever the run is tracked; plots are also saved in ``<run dir>/quant_plots/``. The
+monitor only reads: removing it changes no training.
 """
 from __future__ import annotations
 
@@ -19,10 +22,13 @@ from pytorch_lightning.callbacks import Callback
 from torch import Tensor, nn
 
 from .callback import GDRQCallback
+from .plots import clip_note, save_distribution_plot, threshold_lines
 from .quant import quantized_layers
 from .quant.primitives import expand_bshape
 from .task import quant_network
 from .utils.run import log_histograms, log_image, log_metrics, run_dir
+
+WEIGHT_PHASES = ("scale_clip", "quant_weights", "groups")  # phases that change how weights are used
 
 
 def _k(quantizer: nn.Module) -> dict[str, float]:
@@ -98,6 +104,8 @@ class QuantMonitor(Callback):
         self._phases_seen = 0
         self._probe: Any = None
         self._act_stats: dict[str, dict[str, float]] = {}
+        self._capture: tuple[str, str, nn.Module, dict[str, Any], Any] | None = None
+        self._batch_step = 0
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._target = quant_network(pl_module)
@@ -107,6 +115,7 @@ class QuantMonitor(Callback):
         self._phases_seen = len(self._schedule.done) if self._schedule else 0  # a resumed run's phases are not new
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch_step = trainer.global_step
         self._plot_new_phases(trainer)
         if self._should_log(trainer):
             self._probe = activation_probe(self._target)
@@ -117,7 +126,13 @@ class QuantMonitor(Callback):
             self._probe.__exit__(None, None, None)
             self._probe = None
             self._log_layer_stats(trainer)
+        self._finish_act_capture(trainer)
         self._plot_new_phases(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._capture is not None:  # the phase began on the last batch: nothing to plot
+            self._capture[4].remove()
+            self._capture = None
 
     def _should_log(self, trainer: pl.Trainer) -> bool:
         every = self.log_every_n_steps or trainer.log_every_n_steps or 50
@@ -138,47 +153,74 @@ class QuantMonitor(Callback):
         if self._schedule is None or len(self._schedule.done) <= self._phases_seen:
             return
         for phase in self._schedule.done[self._phases_seen:]:
-            path = self._plot_weights(trainer, phase)
-            if path is not None:
-                log_image(trainer, f"quant/distribution_{phase}", path)
+            if phase == "quant_acts":
+                self._start_act_capture(trainer, phase)
+            elif phase in WEIGHT_PHASES:
+                path = self._plot_weights(trainer, phase)
+                if path is not None:
+                    log_image(trainer, f"quant/distribution_{phase}", path)
         self._phases_seen = len(self._schedule.done)
+
+    def _plot_layers(self) -> tuple[tuple[str, nn.Module] | None, tuple[str, nn.Module] | None]:
+        """The weight layer to plot (``plot_layer``, default the first) and the activation after it."""
+        layers = quantized_layers(self._target)
+        index = next((i for i, (n, m) in enumerate(layers) if getattr(m, "weight_quantizer", None) is not None
+                      and self.plot_layer in (None, n)), None)
+        if index is None:
+            return None, None
+        after = [(n, m) for n, m in layers[index:] if getattr(m, "act_quantizer", None) is not None]
+        return layers[index], (after[0] if after else None)
 
     def _plot_weights(self, trainer: pl.Trainer, tag: str) -> str | None:
         """Raw vs as-used (clipped / quantized) weights of one layer: logger histograms and a PNG."""
         if not trainer.is_global_zero:
             return None
-        layers = [(n, m) for n, m in quantized_layers(self._target) if getattr(m, "weight_quantizer", None) is not None]
-        found = next(((n, m) for n, m in layers if self.plot_layer in (None, n)), None)
+        found, _ = self._plot_layers()
         if found is None:
             return None
         name, layer = found
         with torch.no_grad():
             w = layer.weight.detach()
             wq = layer.weight_quantizer(w).detach()
+            clip = layer.weight_quantizer.clip_value(w)
         log_histograms(trainer, {f"hist/{name}/weight_raw": w, f"hist/{name}/weight_used": wq}, trainer.global_step)
+        stats = weight_stats(layer)
+        note = clip_note(clip, stats.get("clipped_frac"), "weights")
         path = os.path.join(run_dir(trainer), "quant_plots", f"{tag}_{name.replace('.', '_')}.png")
         return save_distribution_plot(
-            path, f"{name}: phase '{tag}' at epoch {trainer.current_epoch}", {"raw weight": w, "as used in forward": wq}
+            path, f"{name} weights: phase '{tag}' at epoch {trainer.current_epoch}\n{note}",
+            {"raw weight": w, "as used in forward": wq, "clip threshold ±T": threshold_lines(clip, signed=True)},
         )
 
+    def _start_act_capture(self, trainer: pl.Trainer, tag: str) -> None:
+        """Hook the activation after the plotted layer for the next training forward pass."""
+        _, found = self._plot_layers()
+        if found is None or not trainer.is_global_zero or self._capture is not None:
+            return
+        name, layer = found
+        store: dict[str, Any] = {}
 
-def save_distribution_plot(path: str, title: str, series: dict[str, Tensor]) -> str:
-    """One PNG with overlaid histograms (e.g. raw vs Scale-Clip vs quantized weights)."""
-    import matplotlib
+        def hook(_mod: nn.Module, args: tuple, out: Tensor) -> None:
+            if not store:
+                store.update(input=args[0].detach(), output=out.detach(), step=self._batch_step)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        self._capture = (tag, name, layer, store, layer.register_forward_hook(hook))
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for label, values in series.items():
-        ax.hist(values.detach().float().cpu().numpy().ravel(), bins=101, alpha=0.55, label=label)
-    ax.set_title(title)
-    ax.set_xlabel("value")
-    ax.set_ylabel("count")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    def _finish_act_capture(self, trainer: pl.Trainer) -> None:
+        if self._capture is None or not self._capture[3]:
+            return
+        tag, name, layer, store, handle = self._capture
+        handle.remove()
+        self._capture = None
+        raw = store["input"].float().clamp(min=0, max=getattr(layer, "upper", None))  # the float activation
+        used = store["output"].float()
+        clip = layer.act_quantizer.clip_value()
+        clipped = float((raw > expand_bshape(clip.to(raw.device), raw, 1)).float().mean()) if clip is not None else None
+        log_histograms(trainer, {f"hist/{name}/act_raw": raw, f"hist/{name}/act_used": used}, trainer.global_step)
+        path = os.path.join(run_dir(trainer), "quant_plots", f"{tag}_{name.replace('.', '_')}.png")
+        save_distribution_plot(
+            path, f"{name} activation: phase '{tag}', epoch {trainer.current_epoch} step {store['step']}\n"
+                  f"{clip_note(clip, clipped, 'values')}",
+            {"float activation": raw, "as used in forward": used, "clip threshold T": threshold_lines(clip, signed=False)},
+        )
+        log_image(trainer, f"quant/distribution_{tag}", path)

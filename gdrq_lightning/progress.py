@@ -23,6 +23,7 @@ class LineProgressBar(ProgressBar):
         self._enabled = True
         self._epoch_start = time.monotonic()
         self._epoch_first_step = 0
+        self._resumed_at: int | None = None
 
     def disable(self) -> None:
         self._enabled = False
@@ -34,9 +35,18 @@ class LineProgressBar(ProgressBar):
     def is_enabled(self) -> bool:
         return self._enabled
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """A run resumed mid-epoch gets no ``on_train_epoch_start`` for that epoch: count its
+        steps from where the epoch began (the restored step minus the steps it had done)."""
+        self._epoch_start = time.monotonic()
+        done = steps_done_in_epoch(trainer)
+        self._epoch_first_step = trainer.global_step - done
+        self._resumed_at = trainer.global_step if done else None
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.monotonic()
         self._epoch_first_step = trainer.global_step
+        self._resumed_at = None
 
     @rank_zero_only
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -44,7 +54,8 @@ class LineProgressBar(ProgressBar):
             return
         total = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         steps = trainer.global_step - self._epoch_first_step
-        head = f"[epoch {trainer.current_epoch + 1}{total}] {steps} steps, {time.monotonic() - self._epoch_start:.1f} s"
+        resumed = f" (resumed at step {self._resumed_at})" if self._resumed_at is not None else ""
+        head = f"[epoch {trainer.current_epoch + 1}{total}] {steps} steps{resumed}, {time.monotonic() - self._epoch_start:.1f} s"
         self._print(head, self.get_metrics(trainer, pl_module))
 
     @rank_zero_only
@@ -65,3 +76,14 @@ class LineProgressBar(ProgressBar):
 
 def _fmt(value: object) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def steps_done_in_epoch(trainer: pl.Trainer) -> int:
+    """Optimizer steps of the current epoch already done when training (re)starts: 0 for a fresh
+    epoch, the steps before the interruption for a run resumed mid-epoch (Lightning's loop
+    progress; 0 where a Lightning version keeps it elsewhere)."""
+    try:
+        progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step.current
+        return int(progress.completed)
+    except AttributeError:
+        return 0

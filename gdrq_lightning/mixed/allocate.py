@@ -206,7 +206,7 @@ def allocate(
                                solver=solver, pins=pins, ties=tie_groups)
 
 
-def parse_budget(text: str) -> dict[str, float]:
+def parse_budget(text: str, name: str = "budget") -> dict[str, float]:
     """``"avg_weight_bits=3"`` -> ``{"avg_weight_bits": 3.0}``.
 
     Raises:
@@ -218,5 +218,5 @@ def parse_budget(text: str) -> dict[str, float]:
     except ValueError:
         number = None
     if not sep or kind not in BUDGETS or number is None or number <= 0:
-        raise ValueError(f"budget {text!r} must be KIND=NUMBER > 0 with KIND one of: {', '.join(BUDGETS)}")
+        raise ValueError(f"{name} {text!r} must be KIND=NUMBER > 0 with KIND one of: {', '.join(BUDGETS)}")
     return {kind: number}

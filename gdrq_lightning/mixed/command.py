@@ -158,7 +158,7 @@ def run_bits(args: list[str]) -> None:
     p.add_argument("--ties", choices=["auto", "none"], default="auto", help="residual ties (default: auto)")
     p.add_argument("--out", required=True, help="output directory")
     ns = p.parse_args(args)
-    budget, bits, pins = parse_budget(ns.budget), parse_bits(ns.bits), parse_pins(ns.pin)
+    budget, bits, pins = parse_budget(ns.budget, "--budget"), parse_bits(ns.bits), parse_pins(ns.pin)
     if ns.batches < 1:
         raise ValueError(f"--batches={ns.batches} must be >= 1")
     raw = yaml.safe_load(Path(ns.config).read_text())

@@ -34,7 +34,7 @@ class AutoBits:
 
     def __post_init__(self) -> None:
         if isinstance(self.budget, str):
-            self.budget = parse_budget(self.budget)
+            self.budget = parse_budget(self.budget, "auto_bits.budget")
         if not isinstance(self.budget, dict) or len(self.budget) != 1 or not set(self.budget) <= set(BUDGETS):
             raise ValueError(f"auto_bits.budget={self.budget!r} must be one of {', '.join(BUDGETS)} with a number, "
                              f"e.g. {{avg_weight_bits: 3}}")

@@ -1,19 +1,39 @@
-"""The run's directory and what goes to its loggers, rank zero only.
+"""The run folder and what goes to the run's loggers, rank zero only.
 
-Used by the callbacks (phase changes, plots, interrupt checkpoints) and by the tasks
+One definition of "where a run's files go", used by the ``gdrq`` command (checkpoints,
+``config.yaml``, logger files), the callbacks (plots, interrupt checkpoints) and the tasks
 (validation pictures, prediction files), so it depends on nothing else of the library.
 """
 from __future__ import annotations
 
 import os
 
-from pytorch_lightning import Trainer
+from pytorch_lightning import Callback, Trainer
 from pytorch_lightning.loggers import TensorBoardLogger, WandbLogger
 from torch import Tensor
 
 
+class RunFolder(Callback):
+    """Names the run folder of a trainer: everything of the run goes under ``path``.
+
+    The ``gdrq`` command adds one to every trainer (``runs/<task>/<config name>/``, or the
+    folder of the checkpoint a ``test`` / ``predict`` reads); in Python, add
+    ``RunFolder("runs/my_run")`` to the callbacks to get the same layout. Without one,
+    :func:`run_dir` falls back to the logger's directory.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        self.path = str(path)
+
+
 def run_dir(trainer: Trainer) -> str:
-    """The run's own directory (where Lightning puts its checkpoints), or the trainer's root dir."""
+    """The run folder: a :class:`RunFolder` callback's path; else the logger's own directory
+    (W&B: ``save_dir/project/run id``; CSV / TensorBoard: their ``log_dir``); else the
+    trainer's ``default_root_dir``."""
+    marker = next((cb for cb in trainer.callbacks if isinstance(cb, RunFolder)), None)
+    if marker is not None:
+        return marker.path
     logger = trainer.logger
     if isinstance(logger, WandbLogger):
         return os.path.join(logger.save_dir or trainer.default_root_dir, str(logger.name), str(logger.version))

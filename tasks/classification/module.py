@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.nn import functional as F
@@ -14,6 +15,7 @@ from tasks.hub import is_named
 from tasks.weights import load_weights, resolve
 
 from .models import build_classifier
+from .predictions import ClassPredictionWriter
 
 
 class ClassificationModule(TaskModule):
@@ -68,6 +70,9 @@ class ClassificationModule(TaskModule):
     def export_metric(self, datamodule: object) -> Top1:
         """``gdrq export --validate``'s metric: top-1 of the exported logits."""
         return Top1()
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return [ClassPredictionWriter()]  # acts in `predict` only: predictions/classes.csv
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)

@@ -6,10 +6,13 @@
 with ``COCODataModule(draw_predictions=True)`` also ``<run dir>/predictions/boxes/<image id>.png``
 (a data option: ``gdrq predict --ckpt_path`` takes the model's options from the checkpoint). Validation
 draws the first images with their ground truth (green) and predictions into
-``<run dir>/predictions/val_epochNNN.png`` and attaches it to W&B.
+``<run dir>/predictions/val_epochNNN.png`` and attaches it to W&B. Small images are drawn
+enlarged (at least :data:`MIN_DRAWN_SIDE` px a side, e.g. 3x for the 96 px digits) so the
+``name score`` labels, in a TrueType font, can be read.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +32,24 @@ from gdrq_lightning.utils.run import run_dir
 from .evaluator import detections_to_rows
 
 GROUND_TRUTH_COLOR = (0, 200, 0)
+MIN_DRAWN_SIDE = 288  # px: a drawn image is enlarged by a whole factor up to at least this size
+LABEL_FONT_SIZE = 14
+
+
+@functools.lru_cache(maxsize=1)
+def label_font() -> str | None:
+    """A TrueType font file for the labels (matplotlib's DejaVu Sans); None: PIL's tiny bitmap font."""
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=True)
+    except (ImportError, ValueError):
+        return None
+
+
+def draw_scale(height: int, width: int) -> int:
+    """The whole enlargement factor that brings the longer side to at least ``MIN_DRAWN_SIDE``."""
+    return max(1, -(-MIN_DRAWN_SIDE // max(height, width, 1)))
 
 
 def to_uint8(image: Tensor) -> Tensor:
@@ -43,17 +64,24 @@ def _color(label: int) -> tuple[int, int, int]:
 
 
 def draw(image: Tensor, output: dict[str, Tensor], names: dict[int, str], *, score_thresh: float = 0.5,
-         target: dict[str, Tensor] | None = None) -> Tensor:
-    """``uint8 [3, H, W]`` with the ground truth (green, optional) and the detections above
-    ``score_thresh`` (one colour per label, ``name score``)."""
+         target: dict[str, Tensor] | None = None, scale: int | None = None) -> Tensor:
+    """``uint8 [3, s*H, s*W]`` with the ground truth (green, optional) and the detections above
+    ``score_thresh`` (one colour per label, ``name score``), enlarged ``s`` times (default:
+    :func:`draw_scale`; pixels kept square, boxes scaled with them)."""
     canvas = to_uint8(image)
+    s = draw_scale(*canvas.shape[1:]) if scale is None else scale
+    if s > 1:
+        canvas = canvas.repeat_interleave(s, dim=1).repeat_interleave(s, dim=2)
+    font = label_font()
     if target is not None and len(target["boxes"]):
-        canvas = draw_bounding_boxes(canvas, target["boxes"].cpu(), colors=GROUND_TRUTH_COLOR, width=1)
+        canvas = draw_bounding_boxes(canvas, target["boxes"].cpu().float() * s, colors=GROUND_TRUTH_COLOR, width=2)
     keep = output["scores"].detach().cpu() >= score_thresh
     boxes, labels, scores = output["boxes"].detach().cpu()[keep], output["labels"].cpu()[keep], output["scores"].cpu()[keep]
     if len(boxes):
-        text = [f"{names.get(int(lab), int(lab))} {float(s):.2f}" for lab, s in zip(labels, scores)]
-        canvas = draw_bounding_boxes(canvas, boxes, labels=text, colors=[_color(int(lab)) for lab in labels], width=2)
+        text = [f"{names.get(int(lab), int(lab))} {float(sc):.2f}" for lab, sc in zip(labels, scores)]
+        canvas = draw_bounding_boxes(canvas, boxes.float() * s, labels=text, colors=[_color(int(lab)) for lab in labels],
+                                     width=3, font=font, font_size=LABEL_FONT_SIZE if font else None, fill_labels=True,
+                                     label_colors="black")  # dark text on a box-coloured tag
     return canvas
 
 

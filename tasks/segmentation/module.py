@@ -231,4 +231,5 @@ class SegmentationModule(TaskModule):
         mean, std = getattr(dm, "mean", IMAGENET_MEAN), getattr(dm, "std", IMAGENET_STD)
         title = f"{self.hparams.arch} epoch {self.current_epoch}"
         return self.save_val_picture(
-            lambda path: save_prediction_grid(images, targets, preds, path, mean=mean, std=std, title=title))
+            lambda path: save_prediction_grid(images, targets, preds, path, mean=mean, std=std, title=title,
+                                              class_names=self.class_names))

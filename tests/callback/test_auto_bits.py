@@ -61,7 +61,7 @@ def test_the_plan_is_made_when_the_warm_up_ends_and_kept_on_resume(tmp_path: Pat
 
 @pytest.mark.parametrize("value, message", [
     ({"budget": {"avg_weight_bits": 3}, "method": "hessian"}, "auto_bits.method='hessian' is not one of"),
-    ({"budget": "watts=3"}, "budget 'watts=3' must be KIND=NUMBER"),
+    ({"budget": "watts=3"}, "auto_bits.budget 'watts=3' must be KIND=NUMBER"),
     ({"budget": {"avg_weight_bits": 3}, "batch": 4}, r"unknown field\(s\) \['batch'\]"),
     ({"budget": {"avg_weight_bits": 3}, "bits": [2, 9]}, "integer weight bit widths in 1..8"),
 ])

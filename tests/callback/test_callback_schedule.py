@@ -105,8 +105,10 @@ def test_phases_begin_at_their_epochs(make_trainer, make_module, no_plots) -> No
     for step, snap in probe.at_step.items():  # phases change only at epoch starts
         assert snap["done"] == list(PHASES[: step // 2]), step
     assert gdrq.done == list(PHASES) and gdrq.phase == "freeze_bn"
-    # one distribution plot per phase change, of the first quantized conv
-    assert [p.rsplit("/", 1)[-1] for p in no_plots] == [f"{p}_3.png" for p in PHASES]
+    # one plot per phase that changes a distribution: the first quantized conv's weights, the
+    # activation after it (layer 5) at quant_acts; freeze_bn changes no distribution
+    assert [p.rsplit("/", 1)[-1] for p in no_plots] == ["scale_clip_3.png", "quant_weights_3.png", "quant_acts_5.png",
+                                                        "groups_3.png"]
 
 
 def test_phases_begin_at_their_global_steps_across_epochs(make_trainer, make_module, no_plots) -> None:

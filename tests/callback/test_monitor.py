@@ -53,7 +53,7 @@ def test_layer_statistics_phases_and_plots_reach_a_csv_logger(tmp_path: Path, ma
     assert 0.0 <= float(last["quant/3/w_clipped_frac"]) <= 1.0 and 0.0 <= float(last["quant/5/a_clipped_frac"]) <= 1.0
     assert float(last["quant/5/a_threshold"]) > 0
     plots = sorted(p.name for p in (Path(logger.log_dir) / "quant_plots").iterdir())
-    assert plots == ["quant_acts_3.png", "quant_weights_3.png", "scale_clip_3.png"]
+    assert plots == ["quant_acts_5.png", "quant_weights_3.png", "scale_clip_3.png"]  # quant_acts: the activation after layer 3
     assert all((Path(logger.log_dir) / "quant_plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
 
 
@@ -100,3 +100,39 @@ def test_a_resumed_run_does_not_plot_its_earlier_phases_again(tmp_path: Path, ma
     resumed = make_trainer([GDRQCallback(GDRQ_W4A4, schedule), QuantMonitor()], max_epochs=2, limit_train_batches=1)
     resumed.fit(make_module(), ckpt_path=str(tmp_path / "epoch0.ckpt"))
     assert [Path(p).name for p in no_plots] == ["quant_weights_3.png"]
+
+
+def test_each_phase_plots_what_it_changes_on_shared_bins(tmp_path: Path, make_trainer, make_module, monkeypatch) -> None:
+    """Weights at scale_clip / quant_weights / groups, the activation after the plotted layer at
+    quant_acts (caught during the next batch), with the threshold drawn and written."""
+    from gdrq_lightning import monitoring
+
+    plots: dict[str, tuple[str, dict]] = {}
+    monkeypatch.setattr(monitoring, "save_distribution_plot",
+                        lambda path, title, series: plots.setdefault(Path(path).name, (title, series)))
+    schedule = Schedule(scale_clip="step:1", quant_weights="step:2", quant_acts="step:3", groups="step:4", freeze_bn=None)
+    module = make_module()
+    make_trainer([GDRQCallback(GDRQ_W4A4, schedule), QuantMonitor()], max_steps=6, max_epochs=-1,
+                 limit_train_batches=6).fit(module)
+    assert sorted(plots) == ["groups_3.png", "quant_acts_5.png", "quant_weights_3.png", "scale_clip_3.png"]
+    title, series = plots["quant_weights_3.png"]
+    assert title.startswith("3 weights: phase 'quant_weights' at epoch 0\nT = ") and "% of the weights" in title
+    raw, used, lines = series["raw weight"], series["as used in forward"], series["clip threshold ±T"]
+    assert raw.shape == used.shape == module.model[3].weight.shape
+    assert len(used.unique()) <= 15 * 4  # 4-bit signed codes, one step per group
+    assert lines[-1] == pytest.approx(max(abs(v) for v in lines)) and lines[0] == -lines[-1]
+    title, series = plots["quant_acts_5.png"]
+    assert title.startswith("5 activation: phase 'quant_acts', epoch 0 step 3\nT = ")
+    raw, used = series["float activation"], series["as used in forward"]
+    assert raw.min() >= 0 and len(used.unique()) <= 16  # the float ReLU output and its 4-bit levels
+    threshold = series["clip threshold T"][0]
+    assert float(used.max()) <= threshold + 1e-6
+    clipped = float((raw > threshold).float().mean())
+    assert f"clips {100 * clipped:.2f} % of the values" in title
+
+
+def test_histograms_share_their_bins() -> None:
+    from gdrq_lightning.plots import common_bins
+
+    edges = common_bins([torch.tensor([-1.0, 0.5]), torch.tensor([0.0, 3.0])], bins=8)
+    assert edges.tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]

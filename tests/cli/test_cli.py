@@ -30,12 +30,15 @@ TINY_RUN = [
 ]
 
 
-def gdrq(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    """Run the installed console script (or the module, where the script is not on PATH)."""
+def gdrq(args: list[str], cwd: Path, quiet_env: bool = True) -> subprocess.CompletedProcess:
+    """Run the installed console script (or the module, where the script is not on PATH);
+    ``quiet_env=False`` leaves W&B and Python warnings as a user's shell has them."""
     exe = shutil.which("gdrq")
     cmd = [exe] if exe else [sys.executable, "-m", "gdrq_lightning.cli"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "GDRQ_"))}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(cwd), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "GDRQ_", "PYTHONWARNINGS"))}
+    env.update(WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # this checkout's code
+    if quiet_env:
+        env.update(WANDB_SILENT="true", WANDB_DIR=str(cwd), PYTHONWARNINGS="ignore")
     return subprocess.run(cmd + args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -74,7 +77,7 @@ def test_unknown_config_key_fails_naming_the_key(tmp_path: Path, monkeypatch, ca
 
 
 @pytest.mark.parametrize(("mode", "offline"), [(None, True), ("offline", True), ("online", False)])
-def test_default_logger_is_wandb_under_runs(tmp_path: Path, monkeypatch, capsys, mode: str | None, offline: bool) -> None:
+def test_default_logger_is_wandb_in_the_run_folder(tmp_path: Path, monkeypatch, capsys, mode: str | None, offline: bool) -> None:
     monkeypatch.chdir(tmp_path)
     if mode is None:
         monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -85,8 +88,9 @@ def test_default_logger_is_wandb_under_runs(tmp_path: Path, monkeypatch, capsys,
     logger = config["trainer"]["logger"]
     logger = logger[0] if isinstance(logger, list) else logger
     assert logger["class_path"].endswith("loggers.WandbLogger")
-    assert logger["init_args"]["save_dir"] == "runs" and logger["init_args"]["offline"] is offline
-    assert config["trainer"]["default_root_dir"] == "runs" and config["checkpoint"]["save_last"] is True
+    assert logger["init_args"]["save_dir"] is None and logger["init_args"]["offline"] is offline  # None: the run folder
+    assert config["trainer"]["default_root_dir"] is None and config["checkpoint"]["save_last"] is True
+    assert config["checkpoint"]["filename"] == "best-{epoch}-{step}" and config["checkpoint"]["save_top_k"] == 1
     callback = config["trainer"]["callbacks"][0]["init_args"]
     assert callback["config"]["groups"] == 4 and callback["schedule"]["scale_clip"] == 1
 
@@ -128,33 +132,39 @@ def test_quant_monitor_is_present_by_default(tmp_path: Path, monkeypatch, quanti
     i = TINY_RUN.index("--trainer.logger")
     args = TINY_RUN[:i] + TINY_RUN[i + 2:]
     main(["fit", "--config", write_yaml(tmp_path / "c.yaml", config), *args, "--trainer.log_every_n_steps", "1"])
-    (metrics,) = (tmp_path / "logs").glob("**/metrics.csv")
-    log_dir = metrics.parent
+    (metrics,) = (tmp_path / "logs").glob("**/metrics.csv")  # an explicit logger writes where it was told
+    run = tmp_path / "runs" / "classification" / "c"  # the run folder: c.yaml in the working directory
     with open(metrics) as f:
         columns = set(next(csv.reader(f)))
-    plots = sorted(p.name for p in (log_dir / "quant_plots").glob("*.png")) if quantized else []
+    plots = sorted(p.name for p in (run / "quant_plots").glob("*.png")) if quantized else []
     if quantized:
         assert {"quant/layer1.0.conv1/w_threshold", "quant/layer1.0.relu/a_clipped_frac"} <= columns
         assert plots == ["quant_weights_layer1_0_conv1.png", "scale_clip_layer1_0_conv1.png"]
     else:
         assert "train/loss" in columns and not any(c.startswith("quant/") for c in columns)
-        assert not (log_dir / "quant_plots").exists()
+        assert not (run / "quant_plots").exists()
 
 
 # -- the console script ------------------------------------------------------------------------
 def test_gdrq_fit_digits_end_to_end(tmp_path: Path) -> None:
-    i = TINY_RUN.index("--trainer.enable_progress_bar")
-    with_bar = TINY_RUN[:i] + TINY_RUN[i + 2:]
-    proc = gdrq(["fit", "--config", DIGITS_GDRQ, *with_bar], tmp_path)
+    i = TINY_RUN.index("--trainer.logger")
+    with_wandb_and_bar = TINY_RUN[:i] + TINY_RUN[i + 4:]  # the default W&B logger (offline) and progress bar
+    proc = gdrq(["fit", "--config", DIGITS_GDRQ, *with_wandb_and_bar], tmp_path, quiet_env=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # stdout is a pipe, not a terminal: one readable line per epoch instead of a redrawn bar
     epoch_lines = [line for line in proc.stdout.splitlines() if line.startswith("[epoch ")]
     assert len(epoch_lines) == 1 and epoch_lines[0].startswith("[epoch 1/1] 2 steps, "), proc.stdout[-2000:]
     assert "| val/acc1 " in epoch_lines[0] and "\r" not in proc.stdout
+    # quiet: no W&B lines (nor its colour codes), at most 2 warnings (this tiny run: log_every_n_steps > its 2 steps)
+    both = proc.stdout + proc.stderr
+    assert "wandb:" not in both and "\x1b[" not in both, both[-3000:]
+    assert len([ln for ln in both.splitlines() if "warn" in ln.lower()]) <= 2, both[-3000:]
     assert "[gdrq] quantized 36 layers (gdrq W4A4)" in proc.stderr
-    assert "[gdrq] val/acc1 at the end of each phase -> fp: " in proc.stderr
-    last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
-    assert last.is_file() and (tmp_path / "runs" / "config.yaml").is_file()
+    assert proc.stderr.splitlines()[-1].startswith("[gdrq] val/acc1 at the end of each phase -> fp: ")  # the last line
+    run = tmp_path / "runs" / "classification" / "digits_gdrq_w4a4"
+    assert "[gdrq] run folder: runs/classification/digits_gdrq_w4a4" in proc.stderr
+    last = run / "last.ckpt"
+    assert last.is_file() and (run / "config.yaml").is_file() and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["classification"]
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     state = ckpt["callbacks"]["GDRQCallback"]
     assert state["done"] == [] and state["config"]["groups"] == 4  # schedule begins at epoch 2

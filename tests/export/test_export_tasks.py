@@ -41,6 +41,7 @@ def quantized_checkpoint(module: pl.LightningModule, path: Path, shape: tuple[in
 
 
 def gdrq(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    capsys.readouterr()  # what the test printed before (e.g. torch's one-time notices while it trained): not the command's
     with pytest.raises(SystemExit) as info:
         main(args)
         raise SystemExit(0)
@@ -78,7 +79,7 @@ def test_segmentation_export_with_data_config_reports_pixel_accuracy(seg_ckpt, v
     # tie, so the export's roundings reorder many pixels against the fake-quant model: agreement is not tested)
     outputs = report["outputs"]
     assert outputs["onnxruntime_vs_onnx_form"]["output"] <= 1e-4 * outputs["output_abs_max"]
-    assert 0.0 <= acc["prediction_agreement"] <= 1.0 and json.loads(out)["val_accuracy"] == acc
+    assert 0.0 <= acc["prediction_agreement"] <= 1.0 and "pixel_acc on 3 images" in out  # the printed summary
     assert report["integer_layers"] == 20  # the 19 backbone convs and the FCN head's 3x3
 
 

@@ -127,6 +127,7 @@ def test_interrupt_under_ddp_saves_on_rank_zero_without_a_barrier(tmp_path, monk
             global_step=8, strategy=SimpleNamespace(checkpoint_io=io, barrier=barrier),
             save_checkpoint=lambda *a, **k: barrier(),
             _checkpoint_connector=SimpleNamespace(dump_checkpoint=lambda: {"epoch": 1}),
+            callbacks=[], logger=None, default_root_dir=str(tmp_path),  # the run folder of the resume hint
         )
 
     cb = InterruptCheckpoint(dirpath=str(tmp_path))
@@ -134,3 +135,44 @@ def test_interrupt_under_ddp_saves_on_rank_zero_without_a_barrier(tmp_path, monk
     assert written == []
     cb.on_exception(trainer(True), None, KeyboardInterrupt())
     assert written == [str(tmp_path / "interrupted.ckpt")]
+
+
+def test_the_resume_hint_is_a_command_with_the_runs_own_config(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from gdrq_lightning.interrupt import resume_hint
+    from gdrq_lightning.utils.run import RunFolder
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "classification" / "digits gdrq"  # a space: the command quotes it
+    run.mkdir(parents=True)
+    trainer = SimpleNamespace(callbacks=[RunFolder(str(run))], logger=None, default_root_dir=str(tmp_path))
+    ckpt = str(run / "interrupted.ckpt")
+    assert resume_hint(trainer, ckpt) == f"resume with ckpt_path={ckpt!r} (Trainer.fit) or --ckpt_path on the command line"
+    (run / "config.yaml").write_text("seed_everything: 0\n")  # what `gdrq fit` saves in the run folder
+    assert resume_hint(trainer, ckpt) == ("resume with: gdrq fit --config 'runs/classification/digits gdrq/config.yaml' "
+                                          "--ckpt_path 'runs/classification/digits gdrq/interrupted.ckpt'")
+
+
+def test_epoch_line_after_a_mid_epoch_resume_counts_the_epochs_steps(tmp_path, capsys):
+    """Lightning skips ``on_train_epoch_start`` for the epoch a run resumes in; the line must
+    still count that epoch's steps (5), not every step since the start of training."""
+    from gdrq_lightning.progress import LineProgressBar
+
+    class StopAt(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 2:
+                raise KeyboardInterrupt  # Ctrl+C, mid-epoch
+
+    def trainer(epochs: int, *extra: pl.Callback) -> pl.Trainer:
+        return pl.Trainer(max_epochs=epochs, limit_train_batches=5, limit_val_batches=0, logger=False, enable_model_summary=False,
+                          default_root_dir=tmp_path,
+                          callbacks=[LineProgressBar(), InterruptCheckpoint(dirpath=str(tmp_path)), *extra])
+
+    data = DigitsDataModule(image_size=16, batch_size=8)
+    with pytest.raises(SystemExit):
+        trainer(3, StopAt()).fit(ClassificationModule("resnet18", num_classes=10), data)
+    capsys.readouterr()
+    trainer(3).fit(ClassificationModule("resnet18", num_classes=10), data, ckpt_path=str(tmp_path / "interrupted.ckpt"))
+    lines = [ln.split(",")[0] for ln in capsys.readouterr().out.splitlines() if ln.startswith("[epoch")]
+    assert lines == ["[epoch 2/3] 5 steps (resumed at step 7)", "[epoch 3/3] 5 steps"]

@@ -23,8 +23,8 @@ def test_config_builds(path: Path) -> None:
     cfg = yaml.safe_load(path.read_text())
     assert "logger" not in cfg["trainer"]  # the CLI supplies W&B (offline)
     if cfg["model"]["init_args"].get("pretrained"):  # fine-tuning reads what the FP32 recipe writes
-        fp32 = yaml.safe_load((path.parent / "digits_coco_fp32.yaml").read_text())
-        assert cfg["model"]["init_args"]["pretrained"] == fp32["checkpoint"]["dirpath"] + "/last.ckpt"
+        # the FP32 run's folder (gdrq_lightning.run_folder: runs/<task>/<config name>/) holds its last.ckpt
+        assert cfg["model"]["init_args"]["pretrained"] == "runs/detection/digits_coco_fp32/last.ckpt"
     assert cfg["model"]["class_path"] == "tasks.detection.DetectionModule"
     assert cfg["data"]["class_path"] == "tasks.detection.COCODataModule"
     model_args = dict(cfg["model"]["init_args"])

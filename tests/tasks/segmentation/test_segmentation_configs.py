@@ -55,10 +55,10 @@ def test_digits_quickstart_pairs_match() -> None:
         fp = yaml.safe_load((CONFIG_DIR / f"digits_voc_{arch}_fp32.yaml").read_text())
         scratch = yaml.safe_load((CONFIG_DIR / f"digits_voc_{arch}_gdrq_w4a4_scratch.yaml").read_text())
         scratch["trainer"].pop("callbacks")
-        assert scratch == {k: v for k, v in fp.items() if k != "checkpoint"}
+        assert scratch == fp
         tuned = yaml.safe_load((CONFIG_DIR / f"digits_voc_{arch}_gdrq_w4a4.yaml").read_text())
-        assert tuned["model"]["init_args"]["pretrained"] == fp["checkpoint"]["dirpath"] + "/last.ckpt"
-        assert tuned["checkpoint"]["dirpath"] != fp["checkpoint"]["dirpath"]
+        # the FP32 run's folder (gdrq_lightning.run_folder: runs/<task>/<config name>/) holds its last.ckpt
+        assert tuned["model"]["init_args"]["pretrained"] == f"runs/segmentation/digits_voc_{arch}_fp32/last.ckpt"
         assert tuned["data"] == fp["data"] and tuned["model"]["init_args"]["arch"] == fp["model"]["init_args"]["arch"]
 
 
