@@ -39,10 +39,11 @@ def _k(quantizer: nn.Module) -> dict[str, float]:
 
 @torch.no_grad()
 def weight_stats(layer: nn.Module) -> dict[str, float]:
-    """Clip threshold, clipped fraction and mean ``|W - Q(W)|`` of one conv/linear layer."""
+    """Bit width (a bit plan gives each layer its own), clip threshold, clipped fraction and mean
+    ``|W - Q(W)|`` of one conv/linear layer."""
     q = layer.weight_quantizer
     w = layer.weight.detach()
-    stats = {"quant_error": float((w - q(w)).abs().mean())} | _k(q)
+    stats = {"bits": float(q.bits), "quant_error": float((w - q(w)).abs().mean())} | _k(q)
     clip = q.clip_value(w)
     if clip is not None:
         stats["threshold"] = float(clip.mean())
@@ -87,7 +88,7 @@ class QuantMonitor(Callback):
         plot_layer: name of the layer plotted at each phase change (default: the first
             quantized conv/linear; a name that matches no layer turns plotting off).
 
-    Metrics: ``quant/<layer>/w_threshold``, ``w_quant_error``, ``w_clipped_frac``,
+    Metrics: ``quant/<layer>/w_threshold``, ``w_quant_error``, ``w_clipped_frac``, ``w_bits``,
     ``a_threshold``, ``a_clipped_frac``, and ``w_k`` / ``a_k`` (the clip factor ``k`` of
     Scale-Clip methods, calibrated with ``auto``); histograms ``hist/<layer>/weight_raw`` and
     ``weight_used``; images ``quant/distribution_<phase>``.

@@ -37,7 +37,8 @@ def test_layer_statistics_phases_and_plots_reach_a_csv_logger(tmp_path: Path, ma
     rows = read_metrics(logger)
     columns = set(rows[0])
     for layer in ("3", "6"):
-        assert {f"quant/{layer}/w_threshold", f"quant/{layer}/w_quant_error", f"quant/{layer}/w_clipped_frac"} <= columns
+        assert {f"quant/{layer}/w_threshold", f"quant/{layer}/w_quant_error", f"quant/{layer}/w_clipped_frac",
+                f"quant/{layer}/w_bits"} <= columns
     for act in ("2", "5", "8"):
         assert {f"quant/{act}/a_threshold", f"quant/{act}/a_clipped_frac"} <= columns
     assert "quant/0/w_threshold" not in columns  # the float first conv is not a quantized layer
@@ -52,6 +53,7 @@ def test_layer_statistics_phases_and_plots_reach_a_csv_logger(tmp_path: Path, ma
     assert float(last["quant/3/w_threshold"]) == pytest.approx(float(2.0 * w.abs().mean()), rel=1e-6)
     assert 0.0 <= float(last["quant/3/w_clipped_frac"]) <= 1.0 and 0.0 <= float(last["quant/5/a_clipped_frac"]) <= 1.0
     assert float(last["quant/5/a_threshold"]) > 0
+    assert float(last["quant/3/w_bits"]) == 4.0  # the layer's bit width (its own under a bit plan)
     plots = sorted(p.name for p in (Path(logger.log_dir) / "quant_plots").iterdir())
     assert plots == ["quant_acts_5.png", "quant_weights_3.png", "scale_clip_3.png"]  # quant_acts: the activation after layer 3
     assert all((Path(logger.log_dir) / "quant_plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
