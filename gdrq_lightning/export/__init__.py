@@ -12,7 +12,7 @@ from .fold import fold_groups_into_bn
 from .integer import load_integer, pack_bits, save_integer, to_integer, unpack_bits
 from .layers import IntegerConv2d, IntegerLinear
 from .onnx_export import OnnxSpec, kernel_summary, optimized_op_counts, run_onnxruntime, to_onnx
-from .pairing import PairingError, find_conv_bn_pairs
+from ..quant.pairing import PairingError, find_conv_bn_pairs
 from .report import export_model, layer_report
 
 __all__ = [

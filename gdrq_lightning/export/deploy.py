@@ -33,7 +33,7 @@ from ..quant.distributed import world_size
 from .build import build_qdq_model
 from .deploy_export import ACT_LAYERS, WEIGHT_LAYERS, is_deployed
 from .fold import _bn_can_fold, fold_groups_into_bn
-from .pairing import find_conv_bn_pairs, is_batchnorm
+from ..quant.pairing import find_conv_bn_pairs, is_batchnorm
 from .qdq import QDQAct, QDQWeightLayer
 
 RUNTIMES = ("ort",)  # where the integer kernels run; TensorRT (quantized identity input, conv+add fused) could follow

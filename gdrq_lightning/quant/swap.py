@@ -17,6 +17,7 @@ from ..utils.modules import set_submodule
 from .config import Method, QuantConfig
 from .inputs import InputQuantizer
 from .layers import QUANT_LAYER_TYPES, QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
+from .pairing import followed_by_batchnorm
 from .quantizers import ActQuantizer, WeightQuantizer
 from .split import activation_reuse, split_known_blocks
 
@@ -111,7 +112,21 @@ def quantize_model(model: nn.Module, config: QuantConfig, filter_fn: FilterFn | 
                 quantizer = InputQuantizer(layer_cfg, name).train(module.training)
                 swapped[key].input_quantizer = quantizer if device is None else quantizer.to(device)
         set_submodule(model, name, swapped[key])
+    _mark_layers_without_batchnorm(model)
     return model
+
+
+def _mark_layers_without_batchnorm(model: nn.Module) -> None:
+    """Tell weight quantizers that keep a float layer's magnitude only without a BatchNorm after
+    them (DoReFa's ``w_scale``) which layers those are."""
+    asking = {n: m.weight_quantizer for n, m in model.named_modules()
+              if isinstance(m, (QuantConv2d, QuantLinear)) and getattr(m.weight_quantizer, "rescales_without_batchnorm", False)}
+    if not asking:
+        return
+    with_bn = followed_by_batchnorm(model, asking)
+    for name, quantizer in asking.items():
+        if name not in with_bn:
+            quantizer.rescale_without_batchnorm()
 
 
 def _check_patterns(option: str, patterns: Iterable[str], names: list[str], kinds: str) -> None:

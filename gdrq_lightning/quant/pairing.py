@@ -22,7 +22,7 @@ from typing import Iterable
 
 from torch import fx, nn
 
-from ..quant import QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
+from .layers import QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
 
 _LEAVES = (QuantConv2d, QuantLinear, QuantReLU, QuantReLU6)
 _SHAPE_ONLY = {"size", "dim"}
@@ -136,3 +136,13 @@ def find_conv_bn_pairs(model: nn.Module, convs: Iterable[str]) -> Pairing:
         note = f"torch.fx could not trace {type(model).__name__} ({type(err).__name__}: {err}); used known layouts"
         warnings.warn(note, stacklevel=2)
         return Pairing(pair_by_layout(model, convs), "layout", note)
+
+
+def followed_by_batchnorm(model: nn.Module, layers: Iterable[str]) -> set[str]:
+    """Those of ``layers`` whose output goes to a BatchNorm (the graph when ``torch.fx`` traces
+    ``model``, the known layouts otherwise; quietly, as a training-time question, not a fold)."""
+    layers = list(layers)
+    try:
+        return set(pair_with_fx(model, layers))
+    except Exception:  # noqa: BLE001 - untraceable models (or shared BNs) use the layouts
+        return set(pair_by_layout(model, layers))
