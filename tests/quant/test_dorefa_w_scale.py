@@ -7,9 +7,9 @@ from torch import nn
 from torch.testing import assert_close
 
 from gdrq_lightning import QuantConfig
+from gdrq_lightning.mixed import apply as mixed_apply
 from gdrq_lightning.quant import quantize_model
 from gdrq_lightning.quant.methods.dorefa import dorefa_weight
-from gdrq_lightning.mixed import apply as mixed_apply
 
 
 class ConvBNHead(nn.Module):
