@@ -9,7 +9,8 @@ quickstart fine-tune config — same data, optimizer, learning rate, epochs and 
 * ``GDRQ defaults``: the former fixed factors ``k_w = 2``, ``k_a = 4``;
 * ``GDRQ k_a auto``: the current defaults, what the quickstarts ship: ``k_w = 2``, ``k_a: auto``;
 * ``GDRQ auto``: ``k_w: auto`` too;
-* ``PACT``, ``LSQ``: their defaults (PACT alpha init 6; LSQ steps from the first batch).
+* ``PACT``, ``DoReFa``, ``LSQ``: their defaults (PACT alpha init 6; DoReFa/PACT weights times
+  ``w_scale`` on layers with no BatchNorm after them; LSQ steps from the first batch).
 
 mIoU / mAP are the validation metrics after the last epoch (100 digits-VOC canvases of
 48×48 px = 230,400 labelled pixels; 200 digits-COCO canvases with 2–4 boxes each). Results go
@@ -62,6 +63,7 @@ def rows(task: str) -> list[Row]:
             Row(f"GDRQ k_a auto W{w}A{a}", {"method": "gdrq", "k_w": 2.0, "k_a": "auto", **bits}, (w, a)),
             Row(f"GDRQ auto W{w}A{a}", {"method": "gdrq", "k_w": "auto", "k_a": "auto", **bits}, (w, a)),
             Row(f"PACT W{w}A{a}", {"method": "pact", **bits}, (w, a)),
+            Row(f"DoReFa W{w}A{a}", {"method": "dorefa", **bits}, (w, a)),
             Row(f"LSQ W{w}A{a}", {"method": "lsq", **bits}, (w, a)),
         ]
     return out
