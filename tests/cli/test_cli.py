@@ -203,7 +203,7 @@ def test_top_level_help_lists_all_six_subcommands(capsys: pytest.CaptureFixture)
     assert run_main([]) == 2 and "commands:" in capsys.readouterr().out
 
 
-def test_unknown_command_lists_the_six(capsys: pytest.CaptureFixture) -> None:
+def test_unknown_command_lists_them_all(capsys: pytest.CaptureFixture) -> None:
     assert run_main(["fitt", "--config", "x.yaml"]) == 2
     assert capsys.readouterr().err.strip() == (
         "gdrq: error: unknown command 'fitt'; one of: fit, validate, test, predict, export, data, bits (gdrq --help)")
