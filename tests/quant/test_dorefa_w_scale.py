@@ -97,3 +97,21 @@ def test_a_new_bit_width_fixes_w_scale_again() -> None:
     expected = w.abs().mean() / dorefa_weight(w, 2).abs().mean()
     assert_close(q.w_scale, expected.detach())
     assert not torch.equal(q.w_scale, at4)
+
+
+def test_onnx_runtime_reproduces_a_rescaled_layer() -> None:
+    pytest.importorskip("onnxruntime")
+    import tempfile
+
+    from gdrq_lightning.export import run_onnxruntime, to_onnx
+
+    model = _build()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    model.train()(x)  # BN statistics, w_scale fixed
+    model.eval()
+    assert float(model.fc.weight_quantizer.w_scale) < 0.2  # far from the paper's [-1, 1]
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run_onnxruntime(to_onnx(model, x[:2], f"{tmp}/m.onnx", calibration=[x]), x)
+    with torch.no_grad():
+        ref = model(x)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 0.05  # without w_scale: off by ~w_scale
