@@ -41,7 +41,8 @@ PHASED = textwrap.dedent(
         for method in sys.argv[1].split(","):
             pl.seed_everything(0)
             bits = 1 if method == "hwgq" else 4
-            cb = GDRQCallback(QuantConfig(method=method, weight_bits=bits, act_bits=2 if method == "hwgq" else 4, groups=2),
+            cb = GDRQCallback(QuantConfig(method=method, weight_bits=bits, act_bits=2 if method == "hwgq" else 4, groups=2,
+                                          skip=["conv1"]),  # the fc too: DoReFa/PACT's w_scale (no BN after it)
                               Schedule(scale_clip="step:1", quant_weights="step:2", quant_acts="step:3", groups="step:4",
                                        freeze_bn="step:5"), calib_batches=2, bn_recalib_batches=2)
             gather = Gather()
