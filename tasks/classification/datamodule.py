@@ -116,14 +116,16 @@ class _FolderDataModule(NormalizeOnDevice, pl.LightningDataModule):
     evaluation batches are normalised float (see :mod:`tasks.loaders`).
     """
 
+    image_size: int  # set by the subclass (CIFAR-10: fixed, so not one of its arguments)
+
     def _transforms(self) -> tuple[Callable, Callable]:
         h = self.hparams
         if h.timm_transform is not None:
-            return timm_transforms(h.image_size, dict(h.timm_transform), self.mean, self.std)
-        self.augmentation = resolve(h.image_size, h.augment, crop_scale=h.crop_scale, pad=h.pad,
-                                            hflip=h.hflip, resize_ratio=h.resize_ratio)
-        return (train_transform(h.image_size, self.augmentation),
-                eval_transform(h.image_size, self.augmentation, self.mean, self.std))
+            return timm_transforms(self.image_size, dict(h.timm_transform), self.mean, self.std)
+        self.augmentation = resolve(self.image_size, h.augment, crop_scale=h.crop_scale, pad=h.pad,
+                                    hflip=h.hflip, resize_ratio=h.resize_ratio)
+        return (train_transform(self.image_size, self.augmentation),
+                eval_transform(self.image_size, self.augmentation, self.mean, self.std))
 
     def train_dataloader(self) -> DataLoader:
         h = self.hparams
@@ -176,8 +178,9 @@ class ImageFolderDataModule(_FolderDataModule):
         self.train_dir = train_dir or os.path.join(root, "train")
         self.val_dir = val_dir or os.path.join(root, "val")
         self.mean, self.std = tuple(mean), tuple(std)
+        self.image_size = image_size
         resolve(image_size, self.hparams.augment, crop_scale=crop_scale, pad=pad, hflip=hflip,
-                        resize_ratio=resize_ratio)  # bad options fail at construction
+                resize_ratio=resize_ratio)  # bad options fail at construction
 
     def prepare_data(self) -> None:
         root = self.hparams.root
@@ -222,7 +225,7 @@ class CIFAR10DataModule(_FolderDataModule):
                  resize_ratio: float | None = None, timm_transform: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.hparams.image_size = 32
+        self.image_size = 32  # not in hparams: the checkpoint's arguments must rebuild this class
         self.mean, self.std = CIFAR_MEAN, CIFAR_STD
 
     def setup(self, stage: str | None = None) -> None:

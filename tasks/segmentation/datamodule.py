@@ -131,6 +131,7 @@ class VOCSegmentationDataModule(_SegmentationDataModule):
             raise ValueError(f"class_names has {len(self.class_names)} names for num_classes={num_classes}")
         self.augmented = augmented
         self.make_digits_if_missing = make_digits_if_missing
+        self.save_hyperparameters()  # in the checkpoint: `gdrq export --validate` rebuilds this datamodule
 
     def prepare_data(self) -> None:
         if self.make_digits_if_missing and not self.root.exists():
@@ -173,6 +174,7 @@ class CityscapesDataModule(_SegmentationDataModule):
                          train_split=train_split, val_split=val_split, test_split=test_split,
                          predict_split=predict_split)
         self.class_names = list(CITYSCAPES_CLASSES)
+        self.save_hyperparameters()
 
     def setup(self, stage: str | None = None) -> None:
         root = cityscapes_root(self.root)

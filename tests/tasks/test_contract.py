@@ -133,3 +133,29 @@ def test_one_loader_for_state_dicts_and_lightning_checkpoints(tmp_path: Path) ->
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(ValueError, match=r"list\.pt does not hold a state dict of tensors \(got list\)"):
         read_state_dict(tmp_path / "list.pt")
+
+
+DATAMODULES = {  # every task datamodule and the smallest arguments it takes
+    "tasks.classification.DigitsDataModule": {"batch_size": 16},
+    "tasks.classification.ImageFolderDataModule": {"root": "data/x", "batch_size": 4},
+    "tasks.classification.CIFAR10DataModule": {"root": "data/cifar", "batch_size": 4},
+    "tasks.detection.COCODataModule": {"root": "data/coco", "batch_size": 2},
+    "tasks.segmentation.VOCSegmentationDataModule": {"root": "data/voc", "num_classes": 11, "batch_size": 2},
+    "tasks.segmentation.CityscapesDataModule": {"root": "data/cityscapes", "batch_size": 2},
+}
+
+
+@pytest.mark.parametrize("class_path", sorted(DATAMODULES))
+def test_every_datamodule_records_its_arguments_so_a_checkpoint_can_rebuild_it(class_path: str, tmp_path: Path) -> None:
+    """``gdrq export --validate`` rebuilds the run's datamodule from the checkpoint's
+    ``datamodule_hyper_parameters`` (what ``save_hyperparameters`` records, plus the class path)."""
+    from gdrq_lightning.checkpoint import load_datamodule
+    from gdrq_lightning.utils.modules import import_object
+
+    args = DATAMODULES[class_path]
+    dm = import_object(class_path)(**args)
+    assert {k: dm.hparams[k] for k in args} == args
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {}, "datamodule_hyper_parameters": {"_class_path": class_path, **dm.hparams}}, path)
+    rebuilt = load_datamodule(str(path))
+    assert type(rebuilt) is type(dm) and dict(rebuilt.hparams) == dict(dm.hparams)
