@@ -2,8 +2,12 @@
 ``q_u(clamp(x, 0, 1))``. Weight codes are odd/even ``2k - n`` (levels ``(2k - n) / n``).
 
 A layer with no BatchNorm after it (an FPN conv, a head, a quantized last linear) also multiplies
-its weights by ``w_scale = mean|W| / mean|Q(W)|``, fixed at its first quantized forward: without a
-BatchNorm to absorb it, the jump from the float weights' scale to ``[-1, 1]`` reaches the output."""
+its weights by ``w_scale = mean|W| / mean|Q(W)|`` (no gradient): without a BatchNorm to absorb it,
+the jump from the float weights' scale to ``[-1, 1]`` would reach the output. It follows the weights
+(computed on every forward) rather than being fixed once: a fixed one turns the layer's largest
+weight into a knob for the whole layer's output scale (``Q`` divides by ``max|tanh W|``), which
+Adam turns by ~1 % a step, and a detector's FPN collapsed within an epoch (docs/methods.md#baselines).
+"""
 from __future__ import annotations
 
 import torch
@@ -37,17 +41,18 @@ def dorefa_act(x: Tensor, bits: int) -> Tensor:
 class DoReFaWeightQuantizer(WeightQuantizer):
     """DoReFa's ``tanh`` weights (binary ``mean|w| · sign(w)`` at 1 bit), times ``w_scale``.
 
-    ``w_scale`` is a buffer: 1 for a layer followed by BatchNorm (the paper's form); for one without,
-    the swap calls :meth:`rescale_without_batchnorm` and the first quantized forward fixes it.
+    ``w_scale`` is 1 for a layer followed by BatchNorm (the paper's form); for one without, the swap
+    calls :meth:`rescale_without_batchnorm` and every forward sets it from the current weights. It is a
+    buffer, so checkpoints and logs show the value in use; a checkpoint from before it existed loads
+    in the paper's form.
     """
 
     rescales_without_batchnorm = True  # asks the swap which layers have no BatchNorm after them
 
     def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super().__init__(*args, **kwargs)
-        self.register_buffer("w_scale", torch.tensor(1.0))  # 0: to be fixed at the next quantized forward
-        self.rescale = False  # no BatchNorm after this layer (set by the swap, not a checkpoint entry)
-        self._w_scale_pending = False
+        self.register_buffer("w_scale", torch.tensor(1.0))
+        self.rescale = False  # no BatchNorm after this layer (set by the swap)
 
     @property
     def code_encoding(self) -> str:
@@ -56,42 +61,34 @@ class DoReFaWeightQuantizer(WeightQuantizer):
     def rescale_without_batchnorm(self) -> None:
         """This layer's output reaches the network unnormalised: keep its weights' magnitude."""
         self.rescale = True
-        self.w_scale.zero_()
-        self._w_scale_pending = True
 
-    def set_bits(self, bits: int, weight: Tensor, *, reinit: bool) -> None:
-        """A new width changes ``mean|Q(W)|``: with ``reinit``, ``w_scale`` is fixed again."""
-        self.bits = bits
-        if reinit and self.rescale:
-            self.w_scale.zero_()
-            self._w_scale_pending = True
-
-    def _levels(self, w: Tensor) -> Tensor:
-        return P.binarize(w, 1) if self.bits == 1 else dorefa_weight(w, self.bits)
+    def _quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """The paper's levels and the layer's ``w_scale`` for ``w`` (kept in the buffer)."""
+        q = P.binarize(w, 1) if self.bits == 1 else dorefa_weight(w, self.bits)
+        if self.rescale:
+            with torch.no_grad():
+                self.w_scale.copy_(w.abs().mean() / q.abs().mean().clamp_min(MIN_SCALE))
+        return q, self.w_scale
 
     def forward(self, w: Tensor) -> Tensor:
         if not self._on["quant_on"]:
             return w
-        q = self._levels(w)
-        if self._w_scale_pending:
-            with torch.no_grad():
-                self.w_scale.copy_(w.abs().mean() / q.abs().mean().clamp_min(MIN_SCALE))
-            self._w_scale_pending = False
-        return q * self.w_scale.to(q.dtype)
+        q, scale = self._quantize(w)
+        return q * scale.to(q.dtype) if self.rescale else q
 
     @torch.no_grad()
     def to_integer(self, w: Tensor) -> tuple[Tensor, Tensor]:
         if self.bits == 1:
             return P.binary_codes(self.forward(w))
         n = P.unsigned_levels(self.bits)
-        codes = torch.round(self._levels(w) * n)
-        return codes.to(torch.int32), (self.w_scale / n).expand(w.shape[0]).to(w.device).clone()
+        q, scale = self._quantize(w)
+        return torch.round(q * n).to(torch.int32), (scale.float() / n).expand(w.shape[0]).to(w.device).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # checkpoints from before ``w_scale`` were trained without it: 1 keeps their meaning
-        state_dict.setdefault(prefix + "w_scale", torch.ones((), device=self.w_scale.device))
+        if prefix + "w_scale" not in state_dict:  # trained before w_scale existed: keep its meaning
+            state_dict[prefix + "w_scale"] = torch.ones((), device=self.w_scale.device)
+            self.rescale = False
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._w_scale_pending = bool(self.w_scale == 0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", w_scale" if self.rescale else "")
