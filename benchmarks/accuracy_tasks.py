@@ -9,7 +9,10 @@ quickstart fine-tune config — same data, optimizer, learning rate, epochs and 
 * ``GDRQ defaults``: the former fixed factors ``k_w = 2``, ``k_a = 4``;
 * ``GDRQ k_a auto``: the current defaults, what the quickstarts ship: ``k_w = 2``, ``k_a: auto``;
 * ``GDRQ auto``: ``k_w: auto`` too;
-* ``PACT``, ``LSQ``: their defaults (PACT alpha init 6; LSQ steps from the first batch).
+* ``PACT``, ``LSQ``: their defaults (PACT alpha init 6; LSQ steps from the first batch);
+* digits-COCO ``GDRQ k_a auto, heads float``: the detector's former default, backbone + FPN
+  quantized, RPN and RoI heads float (the other rows quantize the heads' hidden layers at 8
+  bits, the detection configs' ``overrides``).
 
 mIoU / mAP are the validation metrics after the last epoch (100 digits-VOC canvases of
 48×48 px = 230,400 labelled pixels; 200 digits-COCO canvases with 2–4 boxes each). Results go
@@ -46,6 +49,11 @@ TASKS = {  # task -> (FP32 config, fine-tune config, metric)
 }
 
 
+# the detector's former quantization default: backbone + FPN only (RPN, RoI heads, stem conv float)
+BACKBONE_ONLY = {"skip": ["backbone.body.conv1", "rpn", "roi_heads"], "quant_inputs": ["backbone.fpn.layer_blocks"],
+                 "overrides": {}}
+
+
 @dataclass(frozen=True)
 class Row:
     label: str
@@ -64,6 +72,8 @@ def rows(task: str) -> list[Row]:
             Row(f"PACT W{w}A{a}", {"method": "pact", **bits}, (w, a)),
             Row(f"LSQ W{w}A{a}", {"method": "lsq", **bits}, (w, a)),
         ]
+    if task == "coco":
+        out.append(Row("GDRQ k_a auto W4A4, heads float", {"method": "gdrq", "k_w": 2.0, "k_a": "auto", **BACKBONE_ONLY}))
     return out
 
 

@@ -159,8 +159,8 @@ class DetectionModule(TaskModule):
 
     def quant_skip_default(self) -> list[str]:
         """Full precision: the stem conv, the score / box-delta outputs and the RPN head's shared ReLU."""
-        return [first_conv_name(self.model), "rpn.head.cls_logits", "rpn.head.bbox_pred", "rpn.head.conv.0.1",
-                "roi_heads.box_predictor"]
+        return ["rpn.head.cls_logits", "rpn.head.bbox_pred", "rpn.head.conv.0.1", "roi_heads.box_predictor",
+                first_conv_name(self.model)]
 
     def quant_inputs_default(self) -> list[str]:
         """Layers reading float tensors quantize their input: the FPN's 3x3 output convs (lateral +
