@@ -57,8 +57,8 @@ HEAD_OVERRIDES: dict[str, dict[str, int]] = {
 class DetectorExport(nn.Module):
     """The detector as export takes it: one image ``[1, 3, H, W]`` (values in [0, 1], any size)
     -> ``boxes [K, 4]`` (xyxy, in input pixels), ``labels [K]`` (1..K), ``scores [K]``. The ONNX
-    file holds all of it: resize and normalisation, backbone + FPN (quantized), RPN, RoI heads
-    and post-processing (NMS); the image size is dynamic, the batch is one image."""
+    file holds all of it: resize and normalisation, backbone, FPN, RPN and RoI heads (quantized as
+    configured) and post-processing (NMS); the image size is dynamic, the batch is one image."""
 
     onnx_spec = OnnxSpec(outputs=("boxes", "labels", "scores"), dynamic_batch=False)
 
