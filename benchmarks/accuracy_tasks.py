@@ -9,14 +9,15 @@ quickstart fine-tune config — same data, optimizer, learning rate, epochs and 
 * ``GDRQ defaults``: the former fixed factors ``k_w = 2``, ``k_a = 4``;
 * ``GDRQ k_a auto``: the current defaults, what the quickstarts ship: ``k_w = 2``, ``k_a: auto``;
 * ``GDRQ auto``: ``k_w: auto`` too;
-* ``PACT``, ``LSQ``: their defaults (PACT alpha init 6; LSQ steps from the first batch);
-* digits-COCO ``GDRQ k_a auto, heads float``: the detector's former default, backbone + FPN
-  quantized, RPN and RoI heads float (the other rows quantize the heads' hidden layers at 8
-  bits, the detection configs' ``overrides``).
+* ``PACT``, ``LSQ``: their defaults (PACT alpha init 6; LSQ steps from the first batch).
 
 mIoU / mAP are the validation metrics after the last epoch (100 digits-VOC canvases of
 48×48 px = 230,400 labelled pixels; 200 digits-COCO canvases with 2–4 boxes each). Results go
 to ``--out`` (JSON lines) as runs finish; runs already there are skipped.
+
+digits-COCO also has ``GDRQ k_a auto W4A4, heads float``: the detector's former default, backbone
++ FPN quantized, RPN and RoI heads float (the other rows quantize the heads' hidden layers at 8
+bits, the detection configs' ``overrides``).
 
 Usage:
     python benchmarks/accuracy_tasks.py --task voc --seeds 0 1 --out benchmarks/results/accuracy_voc.jsonl
