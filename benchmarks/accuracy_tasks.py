@@ -16,6 +16,10 @@ mIoU / mAP are the validation metrics after the last epoch (100 digits-VOC canva
 48×48 px = 230,400 labelled pixels; 200 digits-COCO canvases with 2–4 boxes each). Results go
 to ``--out`` (JSON lines) as runs finish; runs already there are skipped.
 
+digits-COCO also has ``GDRQ k_a auto W4A4, heads float``: the detector's former default, backbone
++ FPN quantized, RPN and RoI heads float (the other rows quantize the heads' hidden layers at 8
+bits, the detection configs' ``overrides``).
+
 Usage:
     python benchmarks/accuracy_tasks.py --task voc --seeds 0 1 --out benchmarks/results/accuracy_voc.jsonl
     python benchmarks/accuracy_tasks.py --task coco --seeds 0 1 --out benchmarks/results/accuracy_coco.jsonl
@@ -47,6 +51,11 @@ TASKS = {  # task -> (FP32 config, fine-tune config, metric)
 }
 
 
+# the detector's former quantization default: backbone + FPN only (RPN, RoI heads, stem conv float)
+BACKBONE_ONLY = {"skip": ["backbone.body.conv1", "rpn", "roi_heads"], "quant_inputs": ["backbone.fpn.layer_blocks"],
+                 "overrides": {}}
+
+
 @dataclass(frozen=True)
 class Row:
     label: str
@@ -66,6 +75,8 @@ def rows(task: str) -> list[Row]:
             Row(f"DoReFa W{w}A{a}", {"method": "dorefa", **bits}, (w, a)),
             Row(f"LSQ W{w}A{a}", {"method": "lsq", **bits}, (w, a)),
         ]
+    if task == "coco":
+        out.append(Row("GDRQ k_a auto W4A4, heads float", {"method": "gdrq", "k_w": 2.0, "k_a": "auto", **BACKBONE_ONLY}))
     return out
 
 

@@ -80,6 +80,16 @@ def act_channels(model: nn.Module, *args: Any) -> dict[str, int]:
     return seen
 
 
+def no_inplace(model: nn.Module) -> nn.Module:
+    """Switch off ``inplace`` of the float activations left in an export-form copy: the TorchScript
+    exporter loses the shape of an in-place op's result on a QDQ op's output (a Faster R-CNN's
+    RPN head ReLU after its quantized conv then made the RoI pooler's ``nonzero`` indices rank 3)."""
+    for module in model.modules():
+        if isinstance(module, (nn.ReLU, nn.ReLU6)):
+            module.inplace = False
+    return model
+
+
 def build_qdq_model(
     folded: nn.Module,
     example_input: Any,
@@ -108,7 +118,7 @@ def build_qdq_model(
     if weight_format not in WEIGHT_FORMATS:
         raise ValueError(f"weight_format={weight_format!r} is not one of: {', '.join(WEIGHT_FORMATS)}")
     channels = act_channels(folded, *as_args(example_input))
-    qdq = copy.deepcopy(folded).eval()
+    qdq = no_inplace(copy.deepcopy(folded).eval())
     exact_bias: dict[str, Tensor | None] = {}
     for name, layer in list(qdq.named_modules()):
         if isinstance(layer, INTEGER_LAYER_TYPES):

@@ -17,7 +17,7 @@ from torch import nn
 from ..quant import QuantConv2d, QuantLinear, QuantReLU, QuantReLU6
 from ..quant.deploy import FLOAT, OWN_GRID, LayerDeploy, release_batchnorm
 from ..utils.modules import set_submodule
-from .build import act_channels, act_meta, float_parts, qdq_weight
+from .build import act_channels, act_meta, float_parts, no_inplace, qdq_weight
 from .qdq import QDQAct, QDQConv2d, QDQLinear, QDQWeightLayer
 from .wiring import as_args, wire
 
@@ -69,7 +69,7 @@ def deploy_qdq_model(model: nn.Module, example_input: Any) -> nn.Module:
             the channel counts of per-channel grids and checks that moving a quantizer after a
             max pool leaves the output unchanged.
     """
-    qdq = copy.deepcopy(model).eval()
+    qdq = no_inplace(copy.deepcopy(model).eval())
     grouped = any(isinstance(m, ACT_LAYERS) and m.deploy.active and m.deploy.groups > 1 for m in qdq.modules())
     channels = act_channels(qdq, *as_args(example_input)) if grouped else {}
     for name, module in list(qdq.named_modules()):

@@ -112,7 +112,7 @@ class QDQWeightLayer(nn.Module):
     def weight(self) -> Tensor:
         if self.float_weight is not None:
             return self.float_weight
-        w = DequantWeight.apply(self.codes, self.scale)
+        w = DequantWeight.apply(self.codes, self.scale, self.integer and isinstance(self, QDQLinear))
         return w if self.offset is None else w - self.offset
 
     @torch.no_grad()

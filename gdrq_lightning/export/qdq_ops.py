@@ -6,7 +6,9 @@ carry their own ONNX form. Each ``forward`` computes what its ONNX form computes
 not ``x * (1/s)``; per-channel ``axis``), so PyTorch is a reference for ONNX Runtime.
 
 * :class:`DequantWeight`: constant int8 codes (uint8 for 8-bit odd codes) ->
-  ``DequantizeLinear(axis=0)``, zero point 0 (left out: the file is that much smaller).
+  ``DequantizeLinear(axis=0)``, zero point 0, left out (the file is that much smaller) except
+  for an integer linear layer: ONNX Runtime fuses ``DequantizeLinear -> Gemm`` into ``QGemm``
+  only with the weights' zero point given (a conv into ``QLinearConv`` either way).
 * :class:`DequantBias`: a conv/linear bias as int32 codes on the lattice ``s_x · s_w`` ->
   ``DequantizeLinear(axis=0)``: the form ONNX Runtime and TensorRT fuse into an integer
   kernel (a float bias makes ORT quantize it itself, differently).
@@ -31,12 +33,15 @@ class DequantWeight(torch.autograd.Function):
     """``codes * scale`` per output channel: a constant ``DequantizeLinear(axis=0)`` in ONNX."""
 
     @staticmethod
-    def forward(ctx, codes: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, codes: Tensor, scale: Tensor, zero_point: bool = False) -> Tensor:  # type: ignore[override]
         return codes.to(scale.dtype) * _axis_shape(scale, codes, 0)
 
     @staticmethod
-    def symbolic(g, codes, scale):  # type: ignore[no-untyped-def]
-        return g.op("DequantizeLinear", codes, scale, axis_i=0)  # no zero point input: 0
+    def symbolic(g, codes, scale, zero_point: bool = False):  # type: ignore[no-untyped-def]
+        if not zero_point:
+            return g.op("DequantizeLinear", codes, scale, axis_i=0)  # no zero point input: 0
+        zp = g.op("Constant", value_t=torch.zeros(scale.type().sizes(), dtype=torch.int8))
+        return g.op("DequantizeLinear", codes, scale, zp, axis_i=0)
 
 
 class DequantBias(torch.autograd.Function):

@@ -40,7 +40,7 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torchvision
-from torch import nn
+from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
@@ -177,6 +177,20 @@ def anchor_generator(arch: str, sizes: list[int], aspect_ratios: list[float]) ->
     return AnchorGenerator(per_level, (tuple(float(a) for a in aspect_ratios),) * levels)
 
 
+class BoxHead(TwoMLPHead):
+    """torchvision's ``TwoMLPHead`` (same parameters and keys) with its ReLUs as modules, which
+    ``F.relu`` is not: the quantization swap gives each one an activation quantizer, so fc7 reads
+    fc6's quantized output and both export as integer kernels."""
+
+    def __init__(self, in_channels: int, representation_size: int) -> None:
+        super().__init__(in_channels, representation_size)
+        self.relu6 = nn.ReLU()
+        self.relu7 = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.relu7(self.fc7(self.relu6(self.fc6(x.flatten(start_dim=1)))))
+
+
 def build_faster_rcnn(
     arch: str,
     *,
@@ -211,7 +225,7 @@ def build_faster_rcnn(
     return FasterRCNN(
         backbone, min_size=min_size, max_size=max_size,
         rpn_anchor_generator=anchor_generator(arch, anchor_sizes, aspect_ratios),
-        box_head=TwoMLPHead(fpn_channels * resolution**2, representation_size),
+        box_head=BoxHead(fpn_channels * resolution**2, representation_size),
         box_predictor=FastRCNNPredictor(representation_size, num_classes), **detector_kwargs,
     )
 

@@ -1,13 +1,19 @@
 """``DetectionModule``: torchvision Faster R-CNN as a LightningModule for QAT.
 
 The detector is ``self.model``, which is what the quantization callback swaps.
-What gets quantized by default: backbone and FPN only. ``quant_skip_default()``
-(used by the callback when ``QuantConfig.skip`` is ``None``) keeps the RPN, the
-RoI heads and the stem conv in full precision, the usual choice for low-bit
-detectors (the heads are small, the regression outputs sensitive); the FPN's output
-convs quantize their (float) inputs (``quant_inputs_default()``), so backbone + FPN
-export as integer kernels. Set ``skip`` explicitly (e.g. ``[backbone.body.conv1]``) to
-quantize the heads too. ``export_network()`` is the whole detector for one image.
+What gets quantized by default: backbone, FPN and the heads' hidden layers (the RPN head's
+3x3 conv, the box head's fc6/fc7). ``quant_skip_default()`` (used by the callback when
+``QuantConfig.skip`` is ``None``) keeps in full precision the stem conv, the layers that
+output scores and box deltas (RPN ``cls_logits``/``bbox_pred``, the box predictor; small,
+their regression outputs sensitive) and the RPN head's ReLU, which the conv shares across
+the FPN levels (one module called once per level; the swap gives a module one quantizer).
+Layers that read float tensors quantize their input (``quant_inputs_default()``): the FPN's
+output convs (lateral + upsampled sums), the RPN head conv (FPN outputs) and fc6 (RoI-pooled
+FPN features), so backbone, FPN and heads export as integer kernels. The heads' bits follow
+the config; the detection configs set them to 8 (:data:`HEAD_OVERRIDES`, measured in
+benchmarks/README.md "digits-COCO"). Set ``skip`` explicitly to change what stays float
+(the former default, backbone + FPN only: ``[backbone.body.conv1, rpn, roi_heads]``).
+``export_network()`` is the whole detector for one image.
 
 Backbone normalisation is ``nn.BatchNorm2d`` by default, not torchvision's
 ``FrozenBatchNorm2d``: see :mod:`tasks.detection.models` for why.
@@ -40,12 +46,19 @@ from .predictions import COCOResultsWriter, label_names, save_grid
 
 Batch = tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]
 
+# the heads' hidden layers at 8 bits (weights, inputs and activations): what the detection
+# configs put in ``QuantConfig.overrides``
+HEAD_OVERRIDES: dict[str, dict[str, int]] = {
+    "rpn.head.conv": {"weight_bits": 8, "act_bits": 8},
+    "roi_heads.box_head": {"weight_bits": 8, "act_bits": 8},
+}
+
 
 class DetectorExport(nn.Module):
     """The detector as export takes it: one image ``[1, 3, H, W]`` (values in [0, 1], any size)
     -> ``boxes [K, 4]`` (xyxy, in input pixels), ``labels [K]`` (1..K), ``scores [K]``. The ONNX
-    file holds all of it: resize and normalisation, backbone + FPN (quantized), RPN, RoI heads
-    and post-processing (NMS); the image size is dynamic, the batch is one image."""
+    file holds all of it: resize and normalisation, backbone, FPN, RPN and RoI heads (quantized as
+    configured) and post-processing (NMS); the image size is dynamic, the batch is one image."""
 
     onnx_spec = OnnxSpec(outputs=("boxes", "labels", "scores"), dynamic_batch=False)
 
@@ -145,12 +158,14 @@ class DetectionModule(TaskModule):
         self._vis: tuple[list[Tensor], list[dict[str, Tensor]], list[dict[str, Tensor]]] | None = None
 
     def quant_skip_default(self) -> list[str]:
-        """RPN, RoI heads and the stem conv stay full precision: backbone + FPN get quantized."""
-        return ["rpn", "roi_heads", first_conv_name(self.model)]
+        """Full precision: the stem conv, the score / box-delta outputs and the RPN head's shared ReLU."""
+        return ["rpn.head.cls_logits", "rpn.head.bbox_pred", "rpn.head.conv.0.1", "roi_heads.box_predictor",
+                first_conv_name(self.model)]
 
     def quant_inputs_default(self) -> list[str]:
-        """The FPN's 3x3 output convs read float sums (lateral + upsampled): they quantize their input."""
-        return ["backbone.fpn.layer_blocks"]
+        """Layers reading float tensors quantize their input: the FPN's 3x3 output convs (lateral +
+        upsampled sums), the RPN head conv (FPN outputs) and fc6 (RoI-pooled FPN features)."""
+        return ["backbone.fpn.layer_blocks", "rpn.head.conv", "roi_heads.box_head.fc6"]
 
     def export_network(self) -> nn.Module:
         """The whole detector for ONNX: one image ``[1, 3, H, W]`` -> boxes, labels, scores."""

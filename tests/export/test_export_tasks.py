@@ -106,7 +106,7 @@ def coco_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_detection_exports_the_whole_detector_with_an_integer_backbone_and_fpn(coco_config, tmp_path, capsys) -> None:
+def test_detection_exports_the_whole_detector_with_an_integer_backbone_fpn_and_heads(coco_config, tmp_path, capsys) -> None:
     torch.manual_seed(0)
     module = DetectionModule(arch="fasterrcnn_resnet18_fpn", num_classes=11, min_size=64, max_size=64,
                              anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=16, representation_size=16,
@@ -117,8 +117,12 @@ def test_detection_exports_the_whole_detector_with_an_integer_backbone_and_fpn(c
     assert code == 0, err
     report = json.loads((tmp_path / "e" / "model_report.json").read_text())
     # backbone (16 block convs + 3 downsample) + FPN (4 lateral + 4 output convs, whose inputs are quantized)
-    assert report["integer_layers"] == 27 and report["float_layers"] == {}
-    assert report["onnx"]["kernels"]["integer"] == 27 and report["dynamic"]["size"] and not report["dynamic"]["batch"]
+    # + heads (the RPN head conv and fc6, whose inputs are quantized, and fc7)
+    assert report["integer_layers"] == 30 and report["float_layers"] == {}
+    # in ORT: the RPN head conv once per FPN level (5), fc6/fc7 as QGemm; float: the stem conv, the RPN's
+    # cls_logits / bbox_pred per level and the box predictor's two linears
+    assert report["onnx"]["kernels"] == {"integer": 34, "float": 13}
+    assert report["dynamic"]["size"] and not report["dynamic"]["batch"]
     assert report["val_accuracy"]["metric"] == "detection_match" and report["val_accuracy"]["samples"] == 4
     # on images the test builds: ORT's default session gives the export form's detections (the random-weight
     # detector's scores nearly tie, ~0.13, so against the fake-quant model the order is a coin toss: the real

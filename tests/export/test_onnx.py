@@ -212,3 +212,21 @@ def test_export_model_refuses_list_outputs_with_a_clear_error(tmp_path):
 
     with pytest.raises(TypeError, match="returns a list of dict"):
         export_model(Boxes(), torch.zeros(1, 3, 8, 8), tmp_path / "det")
+
+
+def test_linear_layers_that_read_quantized_inputs_run_as_qgemm_and_as_their_export_form(tmp_path):
+    """fc1 quantizes its (float, signed) input, fc2 reads fc1's ReLU codes: both integer; ORT fuses them
+    into QGemm only when the weights' DequantizeLinear carries its zero point (the detector's box head)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 4))
+    quantize_model(model, QuantConfig(method="gdrq", weight_bits=8, act_bits=8, groups=2, skip=["4"], quant_inputs=["0"]))
+    x = torch.randn(64, 32)
+    model.train()(x)  # activation statistics
+    model.eval()
+    path = to_onnx(model, x, tmp_path / "mlp.onnx")
+    counts = optimized_op_counts(path)
+    assert counts.get("QGemm") == 2 and kernel_summary(counts) == {"integer": 2, "float": 1}
+    form = build_qdq_model(fold_groups_into_bn(model), x)
+    with torch.no_grad():
+        expected = form(x)
+    assert float((run_onnxruntime(path, x) - expected).abs().max() / expected.abs().max()) < 1e-3

@@ -5,10 +5,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
 
 import gdrq_lightning as G
+from gdrq_lightning.task import resolve_config
 from tasks.detection import COCODataModule, DetectionModule
 from tasks.detection.evaluator import METRICS
+from tasks.detection.module import HEAD_OVERRIDES
 
 
 def _quantize(module: DetectionModule, skip=None, groups: int = 4) -> None:
@@ -28,7 +31,8 @@ def test_backbone_uses_trainable_batchnorm_and_skip_defaults(tiny_module, tiny_k
     assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
     assert not any("FrozenBatchNorm" in type(m).__name__ for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
-    assert tiny_module.quant_skip_default() == ["rpn", "roi_heads", "backbone.body.conv1"]
+    assert tiny_module.quant_skip_default() == ["rpn.head.cls_logits", "rpn.head.bbox_pred", "rpn.head.conv.0.1",
+                                                "roi_heads.box_predictor", "backbone.body.conv1"]
     frozen = DetectionModule(**{**tiny_kwargs, "norm": "frozen", "trainable_layers": 3})
     assert any(type(m).__name__ == "FrozenBatchNorm2d" for m in frozen.model.backbone.body.modules())
     assert not frozen.model.backbone.body.layer1[0].conv1.weight.requires_grad
@@ -44,18 +48,29 @@ def test_mobilenet_skip_default_names_its_stem(tiny_kwargs) -> None:
         DetectionModule(**{**tiny_kwargs, "anchor_sizes": [8, 16]})
 
 
-def test_quantized_layers_in_backbone_and_fpn_only(tiny_module, tiny_kwargs) -> None:
-    _quantize(tiny_module)
-    names = [n for n, _ in G.quantized_layers(tiny_module.model)]
-    assert any(n.startswith("backbone.body.layer") for n in names)
-    assert any(n.startswith("backbone.fpn.") for n in names)
-    assert not any(n.startswith(("rpn", "roi_heads")) for n in names)
-    assert "backbone.body.conv1" not in names and type(tiny_module.model.backbone.body.conv1) is nn.Conv2d
-    # an explicit skip quantizes the heads as well
+def test_task_defaults_quantize_backbone_fpn_and_the_heads_hidden_layers(tiny_module, tiny_kwargs) -> None:
+    config = resolve_config(G.QuantConfig(method="gdrq", groups=4, overrides=HEAD_OVERRIDES), tiny_module)
+    G.quantize_model(tiny_module.model, config)
+    layers = dict(G.quantized_layers(tiny_module.model))
+    assert any(n.startswith("backbone.body.layer") for n in layers) and any(n.startswith("backbone.fpn.") for n in layers)
+    heads = {n: m for n, m in layers.items() if n.startswith(("rpn", "roi_heads"))}
+    assert sorted(heads) == ["roi_heads.box_head.fc6", "roi_heads.box_head.fc7", "roi_heads.box_head.relu6",
+                             "roi_heads.box_head.relu7", "rpn.head.conv.0.0"]
+    assert all(m.weight_quantizer.bits == 8 for n, m in heads.items() if "relu" not in n)
+    assert all(m.act_quantizer.bits == 8 for n, m in heads.items() if "relu" in n)
+    # the layers reading FPN outputs / RoI-pooled features quantize their input; fc7 reads relu6's codes
+    assert all(heads[n].input_quantizer is not None for n in ("rpn.head.conv.0.0", "roi_heads.box_head.fc6"))
+    assert heads["roi_heads.box_head.fc7"].input_quantizer is None
+    assert "backbone.body.conv1" not in layers and type(tiny_module.model.backbone.body.conv1) is nn.Conv2d
+    # the former default, backbone + FPN only
     other = DetectionModule(**tiny_kwargs)
-    _quantize(other, skip=["backbone.body.conv1"], groups=1)  # rpn.head.cls_logits has 3 outputs
-    assert any(n.startswith("rpn.") for n, _ in G.quantized_layers(other.model))
-    assert any(n.startswith("roi_heads.") for n, _ in G.quantized_layers(other.model))
+    _quantize(other, skip=["backbone.body.conv1", "rpn", "roi_heads"])
+    assert not any(n.startswith(("rpn", "roi_heads")) for n, _ in G.quantized_layers(other.model))
+    # the box head's ReLUs are modules (torchvision's TwoMLPHead calls F.relu): same keys and outputs
+    x = torch.randn(3, 32, 7, 7)
+    torchvision_head = TwoMLPHead(32 * 49, 64)
+    torchvision_head.load_state_dict(other.model.roi_heads.box_head.state_dict())
+    assert torch.equal(torchvision_head(x), other.model.roi_heads.box_head(x))
 
 
 def test_quantization_changes_the_output_and_switches_off(tiny_module, tiny_kwargs) -> None:
