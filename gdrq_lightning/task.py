@@ -30,10 +30,13 @@ if TYPE_CHECKING:
 class QuantTask(Protocol):
     """The contract a LightningModule meets to be quantized by gdrq.
 
-    Two more methods are optional (a module without them still meets the contract):
+    Three more methods are optional (a module without them still meets the contract):
     ``quant_inputs_default() -> list[str] | None``, the layers whose input gets its own
     quantizer when ``QuantConfig.quant_inputs`` is None (see :func:`resolve_config`), for
     necks whose convs read float sums or concatenations (detection: the FPN output convs);
+    ``quant_overrides_default() -> dict``, per-layer settings the task's layers need whatever the
+    config's bits (detection: its heads' hidden layers at 8 bits), applied before the config's
+    own ``overrides``, which win where both set a field;
     ``export_metric(datamodule)``, a fresh metric over :meth:`export_network` outputs
     (``update(outputs, batch)``, ``compute() -> dict``; see :mod:`gdrq_lightning.export.validate`)
     that ``gdrq export --validate`` scores PyTorch and ONNX Runtime with (default: top-1 or mIoU,
@@ -44,6 +47,7 @@ class QuantTask(Protocol):
         ...     def quant_network(self) -> nn.Module: return self.net
         ...     def quant_skip_default(self) -> list[str] | None: return ["stem", "head"]
         ...     def quant_inputs_default(self) -> list[str] | None: return ["neck.fuse"]  # optional
+        ...     def quant_overrides_default(self) -> dict: return {"head": {"weight_bits": 8}}  # optional
         ...     def export_metric(self, datamodule): return Top1()       # optional
         ...     def load_pretrained(self) -> None: ...          # called from setup()
         ...     def export_network(self) -> nn.Module: return self.net
@@ -107,7 +111,7 @@ def export_metric(pl_module: pl.LightningModule, datamodule: pl.LightningDataMod
 
 def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantConfig:
     """``config`` with the task's default ``skip`` and ``quant_inputs`` filled in where the config
-    leaves them unset (``None``)."""
+    leaves them unset (``None``), and the task's default ``overrides`` before the config's own."""
     if not isinstance(pl_module, QuantTask):
         return config
     fields = {}
@@ -118,4 +122,9 @@ def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantC
     inputs = inputs_default() if callable(inputs_default) else None
     if config.quant_inputs is None and inputs is not None:
         fields["quant_inputs"] = list(inputs)
+    overrides_default = getattr(pl_module, "quant_overrides_default", None)
+    task_overrides = overrides_default() if callable(overrides_default) else {}
+    if task_overrides:  # the config's entries come later, so they win (the swap applies them in order)
+        merged = {p: dict(f) for p, f in task_overrides.items() if p not in config.overrides}
+        fields["overrides"] = merged | config.overrides
     return dataclasses.replace(config, **fields) if fields else config

@@ -9,9 +9,9 @@ their regression outputs sensitive) and the RPN head's ReLU, which the conv shar
 the FPN levels (one module called once per level; the swap gives a module one quantizer).
 Layers that read float tensors quantize their input (``quant_inputs_default()``): the FPN's
 output convs (lateral + upsampled sums), the RPN head conv (FPN outputs) and fc6 (RoI-pooled
-FPN features), so backbone, FPN and heads export as integer kernels. The heads' bits follow
-the config; the detection configs set them to 8 (:data:`HEAD_OVERRIDES`, measured in
-benchmarks/README.md "digits-COCO"). Set ``skip`` explicitly to change what stays float
+FPN features), so backbone, FPN and heads export as integer kernels. The heads' hidden layers
+take 8 bits (``quant_overrides_default()``: :data:`HEAD_OVERRIDES`, measured in
+benchmarks/README.md "digits-COCO"); a config's own ``overrides`` for them win. Set ``skip`` explicitly to change what stays float
 (the former default, backbone + FPN only: ``[backbone.body.conv1, rpn, roi_heads]``).
 ``export_network()`` is the whole detector for one image.
 
@@ -46,8 +46,8 @@ from .predictions import COCOResultsWriter, label_names, save_grid
 
 Batch = tuple[tuple[Tensor, ...], tuple[dict[str, Tensor], ...]]
 
-# the heads' hidden layers at 8 bits (weights, inputs and activations): what the detection
-# configs put in ``QuantConfig.overrides``
+# the heads' hidden layers at 8 bits (weights, inputs and activations): the task's default
+# ``QuantConfig.overrides`` (the detection configs spell it out too)
 HEAD_OVERRIDES: dict[str, dict[str, int]] = {
     "rpn.head.conv": {"weight_bits": 8, "act_bits": 8},
     "roi_heads.box_head": {"weight_bits": 8, "act_bits": 8},
@@ -161,6 +161,11 @@ class DetectionModule(TaskModule):
         """Full precision: the stem conv, the score / box-delta outputs and the RPN head's shared ReLU."""
         return ["rpn.head.cls_logits", "rpn.head.bbox_pred", "rpn.head.conv.0.1", "roi_heads.box_predictor",
                 first_conv_name(self.model)]
+
+    def quant_overrides_default(self) -> dict[str, dict[str, int]]:
+        """The heads' hidden layers at 8 bits, whatever the config's bits (a config's own
+        ``overrides`` win): measured in benchmarks/README.md "digits-COCO"."""
+        return {pattern: dict(fields) for pattern, fields in HEAD_OVERRIDES.items()}
 
     def quant_inputs_default(self) -> list[str]:
         """Layers reading float tensors quantize their input: the FPN's 3x3 output convs (lateral +
