@@ -49,8 +49,8 @@ def with_plan(config: QuantConfig, plan: BitPlan) -> QuantConfig:
 def _rebits(quantizer: WeightQuantizer, bits: int, weight: torch.Tensor, reinit: bool) -> None:
     """Set the bit width; with ``reinit``, redo what the method chose for the old width from the
     weights: a calibrated ``k_w: auto`` is recalibrated at ``bits`` (GDRQ, Scale-Clip, group);
-    an initialised LSQ step is initialised again on the next quantized forward. DoReFa and HWGQ
-    weights keep no state that depends on the width."""
+    an initialised LSQ step is initialised again on the next quantized forward, DoReFa's ``w_scale``
+    is fixed again (its own ``set_bits``). HWGQ weights keep no state that depends on the width."""
     setter = getattr(quantizer, "set_bits", None)
     if callable(setter):  # a method that knows its own state
         setter(bits, weight, reinit=reinit)

@@ -51,32 +51,48 @@ def test_only_layers_without_batchnorm_are_rescaled(method: str) -> None:
         assert_close(q(layer.weight).abs().mean(), layer.weight.abs().mean())  # magnitude kept
 
 
-def test_w_scale_follows_the_weights_and_travels_in_the_state_dict() -> None:
+def test_w_scale_is_fixed_once_and_travels_in_the_state_dict() -> None:
     model = _build()
     model(torch.randn(2, 3, 8, 8))
+    fixed = model.side.weight_quantizer.w_scale.clone()
     with torch.no_grad():
-        model.side.weight.mul_(3.0)  # training grows the weights: the output grows with them
+        model.side.weight.mul_(3.0)  # training moves the weights; the constant stays
     model(torch.randn(2, 3, 8, 8))
-    side = model.side
-    assert_close(side.weight_quantizer(side.weight).abs().mean(), side.weight.abs().mean())
+    assert_close(model.side.weight_quantizer.w_scale, fixed, atol=0, rtol=0)
     state = model.state_dict()
     assert "side.weight_quantizer.w_scale" in state
     fresh = _build()
     fresh.load_state_dict(state)
-    assert fresh.side.weight_quantizer.rescale
-    assert_close(fresh.side.weight_quantizer.w_scale, state["side.weight_quantizer.w_scale"], atol=0, rtol=0)
+    assert_close(fresh.side.weight_quantizer.w_scale, fixed, atol=0, rtol=0)
+    fresh(torch.randn(2, 3, 8, 8))  # not fixed again from the loaded (tripled) weights
+    assert_close(fresh.side.weight_quantizer.w_scale, fixed, atol=0, rtol=0)
 
 
-def test_a_state_dict_from_before_w_scale_loads_in_the_paper_s_form() -> None:
+def test_a_state_dict_from_before_w_scale_loads_with_the_old_meaning() -> None:
     model = _build()
     legacy = {k: v for k, v in model.state_dict().items() if not k.endswith("w_scale")}
     fresh = _build()
     fresh.load_state_dict(legacy)  # strict: the missing key is filled, not an error
-    fc = fresh.fc
-    assert not fc.weight_quantizer.rescale
+    assert float(fresh.fc.weight_quantizer.w_scale) == 1.0
     fresh(torch.randn(2, 3, 8, 8))
-    assert float(fc.weight_quantizer.w_scale) == 1.0
+    fc = fresh.fc
+    assert float(fc.weight_quantizer.w_scale) == 1.0 and not fc.weight_quantizer.rescale
     assert_close(fc.weight_quantizer(fc.weight), dorefa_weight(fc.weight, 4), atol=0, rtol=0)
+
+
+def test_float_weights_loaded_after_the_swap_leave_w_scale_to_be_fixed() -> None:
+    """The tasks load pretrained float weights after the swap (no quantizer keys): w_scale is
+    then fixed from those weights, not reset to the paper's form."""
+    torch.manual_seed(1)
+    floats = ConvBNHead()
+    with torch.no_grad():
+        floats.side.weight.mul_(0.1)
+    model = _build()
+    model.load_state_dict(floats.state_dict(), strict=False)
+    model(torch.randn(2, 3, 8, 8))
+    side = model.side
+    assert side.weight_quantizer.rescale
+    assert_close(side.weight_quantizer(side.weight).abs().mean(), side.weight.abs().mean())
 
 
 def test_integer_codes_carry_w_scale_in_the_step() -> None:
@@ -88,15 +104,16 @@ def test_integer_codes_carry_w_scale_in_the_step() -> None:
     assert_close(step, torch.full((8,), float(q.w_scale) / 15))
 
 
-def test_a_new_bit_width_gets_its_own_w_scale() -> None:
+def test_a_new_bit_width_fixes_w_scale_again() -> None:
     model = _build()
     model(torch.randn(2, 3, 8, 8))
     q, w = model.side.weight_quantizer, model.side.weight
+    at4 = q.w_scale.clone()
     mixed_apply._rebits(q, 2, w.detach(), reinit=True)
     model(torch.randn(2, 3, 8, 8))
     expected = w.abs().mean() / dorefa_weight(w, 2).abs().mean()
     assert_close(q.w_scale, expected.detach())
-    assert_close(q(w).abs().mean(), w.abs().mean())
+    assert not torch.equal(q.w_scale, at4)
 
 
 def test_onnx_runtime_reproduces_a_rescaled_layer() -> None:

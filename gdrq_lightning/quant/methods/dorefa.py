@@ -2,11 +2,8 @@
 ``q_u(clamp(x, 0, 1))``. Weight codes are odd/even ``2k - n`` (levels ``(2k - n) / n``).
 
 A layer with no BatchNorm after it (an FPN conv, a head, a quantized last linear) also multiplies
-its weights by ``w_scale = mean|W| / mean|Q(W)|`` (no gradient): without a BatchNorm to absorb it,
-the jump from the float weights' scale to ``[-1, 1]`` would reach the output. It follows the weights
-(computed on every forward) rather than being fixed once: a fixed one turns the layer's largest
-weight into a knob for the whole layer's output scale (``Q`` divides by ``max|tanh W|``), which
-Adam turns by ~1 % a step, and a detector's FPN collapsed within an epoch (docs/methods.md#baselines).
+its weights by ``w_scale = mean|W| / mean|Q(W)|``, fixed at its first quantized forward: without a
+BatchNorm to absorb it, the jump from the float weights' scale to ``[-1, 1]`` reaches the output.
 """
 from __future__ import annotations
 
@@ -41,10 +38,9 @@ def dorefa_act(x: Tensor, bits: int) -> Tensor:
 class DoReFaWeightQuantizer(WeightQuantizer):
     """DoReFa's ``tanh`` weights (binary ``mean|w| · sign(w)`` at 1 bit), times ``w_scale``.
 
-    ``w_scale`` is 1 for a layer followed by BatchNorm (the paper's form); for one without, the swap
-    calls :meth:`rescale_without_batchnorm` and every forward sets it from the current weights. It is a
-    buffer, so checkpoints and logs show the value in use; a checkpoint from before it existed loads
-    in the paper's form.
+    ``w_scale`` is a buffer: 1 for a layer followed by BatchNorm (the paper's form); for one without,
+    the swap calls :meth:`rescale_without_batchnorm` and the first quantized forward fixes it (0 until
+    then). Checkpoints keep it, so a resumed run goes on with the same constant.
     """
 
     rescales_without_batchnorm = True  # asks the swap which layers have no BatchNorm after them
@@ -53,6 +49,7 @@ class DoReFaWeightQuantizer(WeightQuantizer):
         super().__init__(*args, **kwargs)
         self.register_buffer("w_scale", torch.tensor(1.0))
         self.rescale = False  # no BatchNorm after this layer (set by the swap)
+        self._w_scale_pending = False  # mirrors ``w_scale == 0`` without a device sync per forward
 
     @property
     def code_encoding(self) -> str:
@@ -61,34 +58,49 @@ class DoReFaWeightQuantizer(WeightQuantizer):
     def rescale_without_batchnorm(self) -> None:
         """This layer's output reaches the network unnormalised: keep its weights' magnitude."""
         self.rescale = True
+        self._fix_at_next_forward()
 
-    def _quantize(self, w: Tensor) -> tuple[Tensor, Tensor]:
-        """The paper's levels and the layer's ``w_scale`` for ``w`` (kept in the buffer)."""
+    def _fix_at_next_forward(self) -> None:
+        self.w_scale.zero_()
+        self._w_scale_pending = True
+
+    def set_bits(self, bits: int, weight: Tensor, *, reinit: bool) -> None:
+        """A new width changes ``mean|Q(W)|``: with ``reinit``, ``w_scale`` is fixed again."""
+        self.bits = bits
+        if reinit and self.rescale:
+            self._fix_at_next_forward()
+
+    def _levels(self, w: Tensor) -> Tensor:
         q = P.binarize(w, 1) if self.bits == 1 else dorefa_weight(w, self.bits)
-        if self.rescale:
+        if self._w_scale_pending:
             with torch.no_grad():
                 self.w_scale.copy_(w.abs().mean() / q.abs().mean().clamp_min(MIN_SCALE))
-        return q, self.w_scale
+            self._w_scale_pending = False
+        return q
 
     def forward(self, w: Tensor) -> Tensor:
         if not self._on["quant_on"]:
             return w
-        q, scale = self._quantize(w)
-        return q * scale.to(q.dtype) if self.rescale else q
+        q = self._levels(w)
+        return q * self.w_scale.to(q.dtype) if self.rescale else q
 
     @torch.no_grad()
     def to_integer(self, w: Tensor) -> tuple[Tensor, Tensor]:
         if self.bits == 1:
             return P.binary_codes(self.forward(w))
         n = P.unsigned_levels(self.bits)
-        q, scale = self._quantize(w)
-        return torch.round(q * n).to(torch.int32), (scale.float() / n).expand(w.shape[0]).to(w.device).clone()
+        codes = torch.round(self._levels(w) * n).to(torch.int32)
+        return codes, (self.w_scale.float() / n).expand(w.shape[0]).to(w.device).clone()
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        if prefix + "w_scale" not in state_dict:  # trained before w_scale existed: keep its meaning
-            state_dict[prefix + "w_scale"] = torch.ones((), device=self.w_scale.device)
-            self.rescale = False
+        if prefix + "w_scale" not in state_dict:
+            if prefix + "quant_on" in state_dict:  # a quantized checkpoint from before w_scale: its meaning
+                state_dict[prefix + "w_scale"] = torch.ones((), device=self.w_scale.device)
+                self.rescale = False
+            else:  # float weights loaded into a swapped model: w_scale is still to be fixed
+                state_dict[prefix + "w_scale"] = self.w_scale.clone()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._w_scale_pending = self.rescale and bool(self.w_scale == 0)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", w_scale" if self.rescale else "")
