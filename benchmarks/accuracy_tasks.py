@@ -76,9 +76,7 @@ def rows(task: str) -> list[Row]:
             Row(f"LSQ W{w}A{a}", {"method": "lsq", **bits}, (w, a)),
         ]
     if task == "coco":
-        out += [Row("GDRQ k_a auto W4A4, heads float", {"method": "gdrq", "k_w": 2.0, "k_a": "auto", **BACKBONE_ONLY}),
-                Row("PACT W4A4, heads float", {"method": "pact", **BACKBONE_ONLY}),
-                Row("DoReFa W4A4, heads float", {"method": "dorefa", **BACKBONE_ONLY})]
+        out.append(Row("GDRQ k_a auto W4A4, heads float", {"method": "gdrq", "k_w": 2.0, "k_a": "auto", **BACKBONE_ONLY}))
     return out
 
 

@@ -255,7 +255,8 @@ def test_accuracy_tasks_rows_skip_finished_runs_and_table(tmp_path, monkeypatch)
     at = load("accuracy_tasks")
     labels = [r.label for r in at.rows("voc")]
     assert labels[0] == "FP32" and "GDRQ auto W4A4" in labels and "LSQ W2A4" in labels
-    assert [r.label for r in at.rows("coco")] == ["FP32", "GDRQ defaults W4A4", "GDRQ k_a auto W4A4", "GDRQ auto W4A4", "PACT W4A4", "LSQ W4A4"]
+    assert [r.label for r in at.rows("coco")] == ["FP32", "GDRQ defaults W4A4", "GDRQ k_a auto W4A4", "GDRQ auto W4A4", "PACT W4A4",
+                                                 "DoReFa W4A4", "LSQ W4A4", "GDRQ k_a auto W4A4, heads float"]
     auto = next(r for r in at.rows("voc") if r.label == "GDRQ auto W2A4")
     assert auto.config == {"method": "gdrq", "k_w": "auto", "k_a": "auto", "weight_bits": 2, "act_bits": 4}
     calls: list[tuple[str, int]] = []

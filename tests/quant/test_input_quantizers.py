@@ -118,7 +118,7 @@ def test_tasks_name_their_necks():
 
     det = DetectionModule(arch="fasterrcnn_resnet18_fpn", num_classes=3, min_size=32, max_size=32,
                           anchor_sizes=[8, 16, 32, 64, 128], fpn_channels=16, representation_size=16)
-    assert resolve_config(QuantConfig(), det).quant_inputs == ["backbone.fpn.layer_blocks"]
+    assert resolve_config(QuantConfig(), det).quant_inputs == ["backbone.fpn.layer_blocks", "rpn.head.conv", "roi_heads.box_head.fc6"]
     assert resolve_config(QuantConfig(quant_inputs=[]), det).quant_inputs == []  # explicit wins
     psp = SegmentationModule(arch="pspnet_resnet18", num_classes=3)
     quantize_model(psp.model, resolve_config(QuantConfig(), psp))
