@@ -6,13 +6,13 @@ integer kernels, and ``export_model`` does all of it plus a JSON report (the ``g
 ``simulate_deploy`` puts a network into the form ``to_onnx`` writes, trainable (``restore_deploy``
 after loading its state dict), so what is validated in PyTorch is what ONNX Runtime runs.
 """
+from ..quant.pairing import PairingError, find_conv_bn_pairs
 from .deploy import clear_deploy, network_inputs, restore_deploy, simulate_deploy
 from .deploy_export import is_deployed
 from .fold import fold_groups_into_bn
 from .integer import load_integer, pack_bits, save_integer, to_integer, unpack_bits
 from .layers import IntegerConv2d, IntegerLinear
 from .onnx_export import OnnxSpec, kernel_summary, optimized_op_counts, run_onnxruntime, to_onnx
-from ..quant.pairing import PairingError, find_conv_bn_pairs
 from .report import export_model, layer_report
 
 __all__ = [

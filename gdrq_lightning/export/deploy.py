@@ -30,10 +30,10 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..quant import ActGrid
 from ..quant.deploy import DIRECT, FLOAT, OWN_GRID, freeze_batchnorm, release_batchnorm
 from ..quant.distributed import world_size
+from ..quant.pairing import find_conv_bn_pairs, is_batchnorm
 from .build import build_qdq_model
 from .deploy_export import ACT_LAYERS, WEIGHT_LAYERS, is_deployed
 from .fold import _bn_can_fold, fold_groups_into_bn
-from ..quant.pairing import find_conv_bn_pairs, is_batchnorm
 from .qdq import QDQAct, QDQWeightLayer
 
 RUNTIMES = ("ort",)  # where the integer kernels run; TensorRT (quantized identity input, conv+add fused) could follow

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..quant import QuantConv2d, QuantLinear
+from ..quant.pairing import Pairing, find_conv_bn_pairs
 from ..utils.modules import set_submodule
 from .layers import INTEGER_LAYER_TYPES, IntegerConv2d, IntegerLinear
-from ..quant.pairing import Pairing, find_conv_bn_pairs
 
 
 def _float_layer(layer: QuantConv2d | QuantLinear, name: str) -> nn.Module:
