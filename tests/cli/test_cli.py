@@ -224,3 +224,17 @@ def test_a_loader_worker_error_is_reported_in_one_line() -> None:
     assert len(str(info.value).splitlines()) > 3
     assert one_line(str(info.value)) == "image file not found: /data/x/1.png"
     assert one_line("plain message") == "plain message"
+
+
+def test_a_segmentation_fit_records_its_datamodule_for_export_validate(tmp_path: Path) -> None:
+    """`gdrq export --validate` rebuilds the run's datamodule from the checkpoint alone."""
+    from gdrq_lightning.checkpoint import load_datamodule
+
+    config = str(REPO / "configs" / "segmentation" / "digits_voc_fcn_fp32.yaml")
+    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    proc = gdrq(["fit", "--config", config, *tiny], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = load_datamodule(str(tmp_path / "runs" / "segmentation" / "digits_voc_fcn_fp32" / "last.ckpt"))
+    assert type(data).__name__ == "VOCSegmentationDataModule"
+    assert (str(data.root), data.num_classes, data.make_digits_if_missing) == ("data/digits_voc", 11, True)
