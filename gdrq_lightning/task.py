@@ -124,7 +124,9 @@ def resolve_config(config: QuantConfig, pl_module: pl.LightningModule) -> QuantC
         fields["quant_inputs"] = list(inputs)
     overrides_default = getattr(pl_module, "quant_overrides_default", None)
     task_overrides = overrides_default() if callable(overrides_default) else {}
-    if task_overrides:  # the config's entries come later, so they win (the swap applies them in order)
-        merged = {p: dict(f) for p, f in task_overrides.items() if p not in config.overrides}
-        fields["overrides"] = merged | config.overrides
+    if task_overrides:  # the config's fields win: merged into the same pattern, or applied later by the swap
+        merged = {p: dict(f) for p, f in task_overrides.items()}
+        for pattern, own in config.overrides.items():
+            merged[pattern] = {**merged.get(pattern, {}), **own}
+        fields["overrides"] = merged
     return dataclasses.replace(config, **fields) if fields else config

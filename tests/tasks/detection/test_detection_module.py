@@ -52,7 +52,8 @@ def test_task_defaults_quantize_backbone_fpn_and_the_heads_hidden_layers(tiny_mo
     config = resolve_config(G.QuantConfig(method="gdrq", groups=4), tiny_module)  # 8-bit heads: the task's default
     assert config.overrides == HEAD_OVERRIDES
     mine = resolve_config(G.QuantConfig(method="gdrq", overrides={"roi_heads.box_head": {"weight_bits": 6}}), tiny_module)
-    assert list(mine.overrides.items())[-1] == ("roi_heads.box_head", {"weight_bits": 6})  # the config's own win
+    assert mine.overrides["roi_heads.box_head"] == {"weight_bits": 6, "act_bits": 8}  # the config's own fields win
+    assert resolve_config(mine, tiny_module) == mine  # resolving twice changes nothing (resume)
     G.quantize_model(tiny_module.model, config)
     layers = dict(G.quantized_layers(tiny_module.model))
     assert any(n.startswith("backbone.body.layer") for n in layers) and any(n.startswith("backbone.fpn.") for n in layers)
