@@ -20,6 +20,7 @@ from gdrq_lightning.export import (
     clear_deploy, is_deployed, kernel_summary, optimized_op_counts, restore_deploy, run_onnxruntime, simulate_deploy,
     to_onnx,
 )
+from test_onnx import CASES as ONNX_CASES
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -33,16 +34,9 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-# method family -> config, and how many of TinyNet's 3 convs + linear become integer kernels (as in test_onnx)
+# test_onnx's method families (but G=1, the same code as G=4 here) and two forms of their own
 CASES = {
-    "gdrq_w4a4_g4": (dict(method="gdrq", weight_bits=4, act_bits=4, groups=4), 2),
-    "scale_clip_w2a4": (dict(method="scale_clip", weight_bits=2, act_bits=4), 2),
-    "group_w4a8": (dict(method="group", weight_bits=4, act_bits=8, groups=2), 2),
-    "lsq_w4a4": (dict(method="lsq", weight_bits=4, act_bits=4, groups=2), 2),
-    "pact_w3a3": (dict(method="pact", weight_bits=3, act_bits=3), 2),
-    "dorefa_w4a4": (dict(method="dorefa", weight_bits=4, act_bits=4), 2),
-    "dorefa_w8a4": (dict(method="dorefa", weight_bits=8, act_bits=4), 0),  # odd codes 2k - 255: float layers
-    "hwgq_w1a2": (dict(method="hwgq", weight_bits=1, act_bits=2), 0),  # x > 0 -> level >= 1: float layers
+    **{case: value for case, value in ONNX_CASES.items() if case != "gdrq_w4a4_g1"},
     "act_groups": (dict(method="gdrq", weight_bits=4, act_bits=4, groups=4, act_groups=2), 0),  # per-channel grids
     "quant_inputs": (dict(method="gdrq", weight_bits=4, act_bits=4, groups=4, quant_inputs=["features.0"]), 3),
 }

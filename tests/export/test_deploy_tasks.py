@@ -10,7 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from gdrq_lightning import GDRQCallback, QuantConfig, Schedule
+from gdrq_lightning import GDRQCallback
 from gdrq_lightning.checkpoint import CheckpointError, load_quantized_module
 from gdrq_lightning.cli import main
 from gdrq_lightning.export import is_deployed, run_onnxruntime, simulate_deploy, to_onnx
@@ -18,23 +18,9 @@ from gdrq_lightning.export.accuracy import match_detections
 from tasks.classification import ClassificationModule
 from tasks.detection import DetectionModule
 from tasks.segmentation import SegmentationModule
+from test_export_tasks import quantized
 
 pytest.importorskip("onnxruntime")
-BOX = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
-
-
-def quantized(module: pl.LightningModule, shape: tuple[int, ...] | None) -> GDRQCallback:
-    """The callback's swap, then one train-mode batch for the statistics; eval mode after."""
-    gdrq = GDRQCallback(QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=2), Schedule())
-    gdrq.setup(pl.Trainer(logger=False), module, "validate")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        if shape is not None:
-            module.model.train()(torch.randn(shape, generator=gen))
-        else:
-            module.model.train()(list(torch.rand(2, 3, 64, 64, generator=gen)), [BOX, BOX])
-    module.eval()
-    return gdrq
 
 
 def save(module: pl.LightningModule, gdrq: GDRQCallback, path: Path, done: list[str], data: dict | None = None) -> Path:

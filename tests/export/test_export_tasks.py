@@ -23,18 +23,25 @@ from tasks.detection import DetectionModule, make_digits_coco
 from tasks.segmentation import SegmentationModule, make_digits_voc
 
 
-def quantized_checkpoint(module: pl.LightningModule, path: Path, shape: tuple[int, ...] | None) -> Path:
-    """What a gdrq run saves (weights, hyper-parameters, callback state), without training:
-    the callback's swap, then one train-mode batch to initialise the activation statistics."""
+def quantized(module: pl.LightningModule, shape: tuple[int, ...] | None) -> GDRQCallback:
+    """The callback's swap, then one train-mode batch to initialise the activation statistics
+    (``shape`` an image batch; ``None``: a detector's images and targets); eval mode after."""
     gdrq = GDRQCallback(QuantConfig(method="gdrq", weight_bits=4, act_bits=4, groups=2), Schedule())
     gdrq.setup(pl.Trainer(logger=False), module, "validate")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         if shape is not None:
             module.model.train()(torch.randn(shape, generator=gen))
-        else:  # a detector: images and targets
+        else:
             boxes = {"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}
             module.model.train()(list(torch.rand(2, 3, 64, 64, generator=gen)), [boxes, boxes])
+    module.eval()
+    return gdrq
+
+
+def quantized_checkpoint(module: pl.LightningModule, path: Path, shape: tuple[int, ...] | None) -> Path:
+    """What a gdrq run saves (weights, hyper-parameters, callback state), without training."""
+    gdrq = quantized(module, shape)
     ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams), "callbacks": {"GDRQCallback": gdrq.state_dict()}}
     torch.save(ckpt, path)
     return path
